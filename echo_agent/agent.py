@@ -1,0 +1,141 @@
+"""The library entry point: an `EchoAgent` runs the Echo graph on clips and returns a `Result`.
+
+    agent = EchoAgent(load_backend())
+    result = await agent.ask("clip.wav", "How many beeps are there?", choices=["2", "3", "4"])
+
+Streaming (`astream`) yields the graph's events as dicts: `{"type": "text", "delta"}`,
+`{"type": "listen", "call"}`, `{"type": "retry", "reason"}`, `{"type": "verdict", "verdict"}`, and a
+final `{"type": "result", "result"}`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from pydantic import BaseModel, Field
+
+from .audio import AudioRef, AudioStore
+from .backends.base import ModelBackend
+from .config import AgentConfig
+from .errors import ConfigError
+from .graphs import EchoInput, build_echo_graph, new_question
+from .graphs.echo import EchoGraph
+from .tools.listen import ListenCall
+from .verifier import Verdict
+
+AudioInput = str | os.PathLike[str] | AudioRef
+DEFAULT_MODEL = "tiny-random-qwen2-audio"
+TINY_MODELS = ("tiny-random-qwen2-audio", "tiny-random-qwen2.5-omni")
+
+
+class Result(BaseModel):
+    """One answered question. This is the documented `--json` schema of `echo-agent ask`."""
+
+    answer: str | None = Field(description="text inside <answer>...</answer>, or null")
+    choice: str | None = Field(description="the choice the answer selects (MMAU matcher), or null")
+    listens: list[ListenCall] = Field(description="every listen call, valid or not, in order")
+    verdict: Verdict | None = Field(description="the verifier's verdict with its reward terms")
+    text: str = Field(description="the final attempt's reasoning text, audio removed")
+    status: Literal["running", "retry", "answered", "no_answer"]
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Result:
+        verdict = state.get("verdict")
+        return cls(
+            answer=state.get("answer"),
+            choice=state.get("choice"),
+            listens=[ListenCall.model_validate(c) for c in state.get("listens", [])],
+            verdict=Verdict.model_validate(verdict) if verdict else None,
+            text=state.get("reasoning", ""),
+            status=state.get("status", "no_answer"),
+        )
+
+
+def load_backend(model: str | None = None) -> ModelBackend:
+    """A backend by name: a tiny random built-in model, or a local transformers model directory."""
+    from .backends.transformers import TransformersBackend
+
+    name = model or DEFAULT_MODEL
+    if name == "tiny-random-qwen2-audio":
+        from .tiny_models import build_tiny_qwen2_audio
+
+        return TransformersBackend(*build_tiny_qwen2_audio(seed=0), name=name)
+    if name == "tiny-random-qwen2.5-omni":
+        from .tiny_models import build_tiny_qwen2_5_omni_thinker
+
+        return TransformersBackend(*build_tiny_qwen2_5_omni_thinker(seed=0), name=name)
+    path = Path(name)
+    if not path.exists():
+        raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")
+    return TransformersBackend.from_pretrained(path)
+
+
+class EchoAgent:
+    def __init__(
+        self,
+        backend: ModelBackend,
+        store: AudioStore | None = None,
+        config: AgentConfig | None = None,
+        *,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store or AudioStore()
+        self.config = config or AgentConfig()
+        self.graph: EchoGraph = build_echo_graph(backend, self.store, self.config, checkpointer=checkpointer)
+
+    def load(self, audio: AudioInput) -> AudioRef:
+        return audio if isinstance(audio, AudioRef) else self.store.load(audio)
+
+    def _input(
+        self, audio: AudioInput | Mapping[str, AudioInput] | None, question: str, choices: list[str] | None,
+        gold: str | None,
+    ) -> EchoInput:  # fmt: skip
+        clips: dict[str, dict[str, Any]] = {}
+        if isinstance(audio, Mapping):
+            clips = {cid: self.load(a).model_dump() for cid, a in audio.items()}
+        elif audio is not None:
+            clips = {"main": self.load(audio).model_dump()}
+        return new_question(question, clips, choices, gold)
+
+    @staticmethod
+    def _config(thread_id: str | None) -> RunnableConfig:
+        return {"configurable": {"thread_id": thread_id}} if thread_id else {}
+
+    async def ask(
+        self,
+        audio: AudioInput | Mapping[str, AudioInput] | None,
+        question: str,
+        choices: list[str] | None = None,
+        *,
+        gold: str | None = None,
+        thread_id: str | None = None,
+    ) -> Result:
+        state = await self.graph.ainvoke(self._input(audio, question, choices, gold), self._config(thread_id))
+        return Result.from_state(state)
+
+    async def astream(
+        self,
+        audio: AudioInput | Mapping[str, AudioInput] | None,
+        question: str,
+        choices: list[str] | None = None,
+        *,
+        gold: str | None = None,
+        thread_id: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        final: dict[str, Any] = {}
+        async for mode, chunk in self.graph.astream(
+            self._input(audio, question, choices, gold),
+            self._config(thread_id),
+            stream_mode=["custom", "values"],
+        ):
+            if mode == "custom":
+                yield cast(dict[str, Any], chunk)
+            else:
+                final = cast(dict[str, Any], chunk)
+        yield {"type": "result", "result": Result.from_state(final).model_dump()}

@@ -1,0 +1,333 @@
+"""Local audio LLMs through transformers: Qwen2-Audio, the Qwen2.5-Omni thinker, and any model whose
+processor expands `<|audio_bos|><|AUDIO|><|audio_eos|>` into audio tokens the same way.
+
+Token-in/token-out: the prompt is built piece by piece. Conversation history goes through the
+processor's own chat template; inside the assistant turn being continued, text the model sampled is
+spliced back as its *exact* token ids (never re-tokenised), and each re-listened slice is encoded by
+the real processor as one more audio input right where it was inserted. So the trainer later sees
+exactly the tokens that were sampled, and audio features line up with their placeholders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BackendError
+from ..messages import AudioPart, Message, ToolCall
+from .base import AudioResolver, DeltaCallback, FinishReason, Generation, GenerationRequest
+
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+_STOP_OVERHANG = 16
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """One audio input as the model sees it: its expanded placeholder ids and its features."""
+
+    input_ids: list[int]
+    features: torch.Tensor  # (n_mels, frames) for this clip
+    feature_mask: torch.Tensor  # (frames,)
+
+
+def encode_audio(processor: Any, waveform: np.ndarray, sampling_rate: int) -> EncodedAudio:
+    """Run the real processor on one placeholder and one clip; it decides the audio token count."""
+    out = processor(
+        text=AUDIO_PLACEHOLDER, audio=[np.asarray(waveform, dtype=np.float32)], sampling_rate=sampling_rate,
+        return_tensors="pt",
+    )  # fmt: skip
+    return EncodedAudio(
+        input_ids=out["input_ids"][0].tolist(),
+        features=out["input_features"][0],
+        feature_mask=out["feature_attention_mask"][0],
+    )
+
+
+def collate_audio(clips: Sequence[EncodedAudio]) -> dict[str, torch.Tensor]:
+    """Stack per-clip features in order, padding time to the longest (masked out)."""
+    frames = max(int(c.features.shape[-1]) for c in clips)
+    feats = torch.zeros(len(clips), clips[0].features.shape[0], frames, dtype=clips[0].features.dtype)
+    mask = torch.zeros(len(clips), frames, dtype=clips[0].feature_mask.dtype)
+    for i, c in enumerate(clips):
+        n = int(c.features.shape[-1])
+        feats[i, :, :n] = c.features
+        mask[i, :n] = c.feature_mask
+    return {"input_features": feats, "feature_attention_mask": mask}
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]
+    audios: list[EncodedAudio]
+
+
+def _hf_content(msg: Message) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in msg["content"]:
+        if part["type"] == "audio":
+            out.append({"type": "audio", "audio": f"{part['clip']}@{part['start']}-{part['end']}"})
+        else:
+            out.append({"type": "text", "text": part["text"]})
+    return out
+
+
+def _hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Our messages in the transformers chat format. Tool results become user turns in Hermes style,
+    since audio-LLM templates (Qwen2-Audio's among them) have no tool role."""
+    conv: list[dict[str, Any]] = []
+    for msg in messages:
+        if msg["role"] == "tool":
+            text = "".join(p["text"] for p in msg["content"] if p["type"] == "text")
+            conv.append(
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": f"<tool_response>\n{text}\n</tool_response>"}],
+                }
+            )
+        else:
+            conv.append({"role": msg["role"], "content": _hf_content(msg)})
+    return conv
+
+
+def _tools_system_text(tools: list[dict[str, object]]) -> str:
+    return (
+        "You may call functions to help you. Function signatures are within <tools></tools>:\n<tools>\n"
+        + "\n".join(json.dumps(t) for t in tools)
+        + '\n</tools>\nTo call one, write <tool_call>{"name": <name>, "arguments": <json object>}</tool_call>.'
+    )
+
+
+def parse_tool_calls(text: str, first_index: int = 0) -> list[ToolCall]:
+    """Hermes-style `<tool_call>{...}</tool_call>` blocks. Unparseable JSON is kept raw so the protocol
+    can answer with a note (it never raises)."""
+    calls: list[ToolCall] = []
+    for i, m in enumerate(_TOOL_CALL_RE.finditer(text)):
+        body = m.group(1)
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            args = obj.get("arguments", {})
+            calls.append(
+                {"id": f"call_{first_index + i}", "name": obj["name"], "arguments": json.dumps(args)}
+            )
+        else:
+            calls.append({"id": f"call_{first_index + i}", "name": "listen", "arguments": body[:200]})
+    return calls
+
+
+class _DeltaStreamer:
+    """A transformers streamer that forwards decoded text deltas to the event loop."""
+
+    def __init__(self, tokenizer: Any, loop: asyncio.AbstractEventLoop, callback: DeltaCallback) -> None:
+        self.tokenizer, self.loop, self.callback = tokenizer, loop, callback
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first pushes the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        delta, self.sent = text[self.sent :], len(text)
+        if delta:
+            self.loop.call_soon_threadsafe(self.callback, delta)
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersBackend:
+    """Runs one transformers audio LLM. Calls are serialised on a lock (batching comes with `collect`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        name: str | None = None,
+        feature_cache_size: int = 256,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self._name = name or str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+        self._lock = threading.Lock()
+        self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
+        self._cache_size = feature_cache_size
+        self.last_prompt: EncodedPrompt | None = None  # the most recent prompt, for inspection and tests
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos: set[int] = set(eos if isinstance(eos, list) else [eos])
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.processor.feature_extractor.sampling_rate)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu"
+    ) -> TransformersBackend:
+        """Load a local model directory (nothing is downloaded)."""
+        from transformers import AutoConfig, AutoProcessor
+
+        from .. import families
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise BackendError(f"{path} is not a model directory (no config.json)")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model_cls = families.model_class(config)
+        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        return cls(model, processor, name=path.name)
+
+    # ---- prompt construction -----------------------------------------------------------------
+
+    def _encode_audio_part(self, part: AudioPart, audio: AudioResolver) -> EncodedAudio:
+        key = (audio.ref(part).sha256, part["start"], part["end"])
+        hit = self._features.get(key)
+        if hit is not None:
+            self._features.move_to_end(key)
+            return hit
+        enc = encode_audio(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
+        self._features[key] = enc
+        if len(self._features) > self._cache_size:
+            self._features.popitem(last=False)
+        return enc
+
+    def _encode_text(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def encode(self, request: GenerationRequest, audio: AudioResolver) -> EncodedPrompt:
+        messages = list(request.messages)
+        partial: Message | None = None
+        if request.continue_final:
+            if not messages or messages[-1]["role"] != "assistant":
+                raise BackendError("continue_final needs a final assistant message")
+            partial = messages.pop()
+        hf = _hf_messages(messages)
+        if request.tools:
+            hf.insert(
+                0,
+                {"role": "system", "content": [{"type": "text", "text": _tools_system_text(request.tools)}]},
+            )
+        rendered = self.processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=False)
+        if isinstance(rendered, list):
+            rendered = rendered[0]
+        history_audio = [p for m in messages for p in m["content"] if p["type"] == "audio"]
+        pieces = rendered.split(AUDIO_PLACEHOLDER)
+        if len(pieces) - 1 != len(history_audio):
+            raise BackendError(
+                f"chat template rendered {len(pieces) - 1} audio placeholders for {len(history_audio)} audio parts"
+            )
+        ids: list[int] = []
+        audios: list[EncodedAudio] = []
+        for i, piece in enumerate(pieces):
+            ids += self._encode_text(piece)
+            if i < len(history_audio):
+                enc = self._encode_audio_part(history_audio[i], audio)
+                ids += enc.input_ids
+                audios.append(enc)
+        if partial is not None:
+            for part in partial["content"]:
+                if part["type"] == "audio":
+                    enc = self._encode_audio_part(part, audio)
+                    ids += enc.input_ids
+                    audios.append(enc)
+                elif part["origin"] == "model" and "token_ids" in part:
+                    ids += part["token_ids"]  # exactly what was sampled
+                else:
+                    ids += self._encode_text(part["text"])
+        return EncodedPrompt(input_ids=ids, audios=audios)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def _generate_sync(self, request: GenerationRequest, prompt: EncodedPrompt, streamer: Any) -> Generation:
+        s = request.sampling
+        device = self.model.device
+        input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if prompt.audios:
+            feats = collate_audio(prompt.audios)
+            kwargs["input_features"] = feats["input_features"].to(device=device, dtype=self.model.dtype)
+            kwargs["feature_attention_mask"] = feats["feature_attention_mask"].to(device)
+        greedy = s.temperature == 0
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": s.max_new_tokens,
+            "do_sample": not greedy,
+            "return_dict_in_generate": True,
+            "output_logits": True,
+            "eos_token_id": sorted(self._eos),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if not greedy:
+            gen_kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+        if request.stop:
+            gen_kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        if streamer is not None:
+            gen_kwargs["streamer"] = streamer
+        with self._lock, torch.inference_mode():
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            out = self.model.generate(**kwargs, **gen_kwargs)
+        new_ids: list[int] = out.sequences[0, len(prompt.input_ids) :].tolist()
+        # Log-probs of the sampled tokens under the distribution they were sampled from
+        # (temperature applied, before top-p/top-k truncation), as the trainer will recompute them.
+        logits = torch.stack([step[0] for step in out.logits]).float()
+        if not greedy:
+            logits = logits / s.temperature
+        logprobs = (
+            torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
+        )
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        finish: FinishReason = "length"
+        stop_string: str | None = None
+        if new_ids and new_ids[-1] in self._eos:
+            finish = "eos"
+        else:
+            # A stop string can end inside the last token (multi-character tokens), so allow overhang.
+            for stop in request.stop:
+                idx = text.rfind(stop)
+                if idx >= 0 and len(text) - idx - len(stop) <= _STOP_OVERHANG:
+                    finish, stop_string = "stop", stop
+                    break
+        tool_calls = parse_tool_calls(text) if request.tools else []
+        if tool_calls:
+            finish = "tool_calls"
+        return Generation(
+            text=text, token_ids=new_ids, logprobs=logprobs.tolist(), finish_reason=finish,
+            stop_string=stop_string, stop_string_in_text=True, tool_calls=tool_calls, prompt_ids=list(prompt.input_ids),
+        )  # fmt: skip
+
+    async def generate(
+        self, request: GenerationRequest, audio: AudioResolver, on_delta: DeltaCallback | None = None
+    ) -> Generation:
+        prompt = self.encode(request, audio)
+        self.last_prompt = prompt
+        streamer = None
+        if on_delta is not None:
+            streamer = _DeltaStreamer(self.tokenizer, asyncio.get_running_loop(), on_delta)
+        return await asyncio.to_thread(self._generate_sync, request, prompt, streamer)

@@ -1,0 +1,73 @@
+"""The Echo graph's state schema. It holds audio *references* (content hash, path, rate, length),
+never samples or base64, so checkpoints stay small whatever the clip length (design §4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NotRequired
+
+from typing_extensions import TypedDict
+
+from ..messages import Message
+
+Status = Literal["running", "retry", "answered", "no_answer"]
+
+
+def merge_clips(
+    old: dict[str, dict[str, Any]] | None, new: dict[str, dict[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """Clips accumulate over a chat session: a new question may add a clip without resending the rest."""
+    return {**(old or {}), **(new or {})}
+
+
+class EchoInput(TypedDict):
+    """What a caller (or a parent graph) provides for one question."""
+
+    clips: Annotated[dict[str, dict[str, Any]], merge_clips]  # clip id -> AudioRef.model_dump()
+    question: str
+    choices: NotRequired[list[str]]
+    gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
+    active_clip: NotRequired[str]  # which clip plain <seg> tags refer to; default: the newest
+
+
+class EchoOutput(TypedDict):
+    """What one question produces. Keys are distinct from a typical parent's `messages`."""
+
+    answer: str | None
+    choice: str | None
+    verdict: dict[str, Any] | None  # Verdict.model_dump()
+    listens: list[dict[str, Any]]  # ListenCall.model_dump() for every call, valid or not
+    reasoning: str  # the final attempt's response text, audio removed
+    status: Status
+
+
+class EchoState(EchoInput, EchoOutput):
+    """Full internal state. `conversation` persists across questions of a chat thread."""
+
+    conversation: list[Message]
+    introduced: list[str]  # clip ids whose full audio is already in the conversation
+    open_turn: bool  # the last assistant message is partial and will be continued in place
+    pending: list[dict[str, Any]]  # ListenRequest.model_dump() awaiting the listen node
+    audios_used: int  # audio inputs in this question's context, the clip included
+    model_calls: int
+    retries: int
+    attempt_start: int  # index in `conversation` where the current attempt's output starts
+
+
+def new_question(
+    question: str,
+    clips: dict[str, dict[str, Any]] | None = None,
+    choices: list[str] | None = None,
+    gold: str | None = None,
+    active_clip: str | None = None,
+) -> EchoInput:
+    """Build a graph input. `clips` may be omitted in a chat thread that already has them."""
+    # choices and gold are always set: in a chat thread, absent keys would keep the last question's values.
+    inp: EchoInput = {
+        "clips": clips or {},
+        "question": question,
+        "choices": list(choices or []),
+        "gold": gold,
+    }
+    if active_clip is not None:
+        inp["active_clip"] = active_clip
+    return inp
