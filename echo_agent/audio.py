@@ -131,9 +131,7 @@ class AudioStore:
         so size `max_cached` for the uploads a session keeps using.
         """
         if len(data) > self.limits.max_bytes:
-            raise AudioTooLargeError(
-                f"{name}: {len(data)} bytes is over the limit of {self.limits.max_bytes} bytes"
-            )
+            raise AudioTooLargeError(f"{name}: {len(data)} bytes is over the limit of {self.limits.max_bytes} bytes")
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
             meta = self._meta.get(sha)
@@ -191,9 +189,7 @@ class AudioStore:
         if not p.is_file():
             raise AudioNotFoundError(f"{p}: not a regular file")
         if st.st_size > self.limits.max_bytes:
-            raise AudioTooLargeError(
-                f"{p}: {st.st_size} bytes is over the limit of {self.limits.max_bytes} bytes"
-            )
+            raise AudioTooLargeError(f"{p}: {st.st_size} bytes is over the limit of {self.limits.max_bytes} bytes")
 
     def _decode(self, source: Path | io.BytesIO, name: str) -> _Decoded:
         """Decode and validate; every failure becomes a typed `AudioError` naming `name`."""
@@ -229,17 +225,13 @@ class AudioStore:
     def _check_duration(self, name: str, frames: int, sr: int) -> None:
         duration = frames / sr
         if duration > self.limits.max_duration:
-            raise AudioTooLongError(
-                f"{name}: {duration:.1f} s is over the limit of {self.limits.max_duration:.1f} s"
-            )
+            raise AudioTooLongError(f"{name}: {duration:.1f} s is over the limit of {self.limits.max_duration:.1f} s")
 
     def _remember(self, sha: str, path: str, d: _Decoded) -> AudioRef:
         with self._lock:
             self._meta[sha] = (d.sample_rate, d.channels, d.frames)
         self._put(sha, d.sample_rate, d.mono)
-        return AudioRef(
-            sha256=sha, path=path, sample_rate=d.sample_rate, channels=d.channels, frames=d.frames
-        )
+        return AudioRef(sha256=sha, path=path, sample_rate=d.sample_rate, channels=d.channels, frames=d.frames)
 
     def _reload(self, ref: AudioRef) -> Waveform:
         """Re-read a ref whose samples are not cached, refusing a file whose content has changed."""

@@ -10,13 +10,9 @@ class ListenLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    max_audios: int = Field(
-        default=8, ge=1, description="audio inputs per question: the clip plus 7 re-listens"
-    )
+    max_audios: int = Field(default=8, ge=1, description="audio inputs per question: the clip plus 7 re-listens")
     min_slice: float = Field(default=0.2, gt=0, description="shortest slice in seconds")
-    max_slice: float = Field(
-        default=30.0, gt=0, description="longest slice in seconds (Qwen2-Audio encoder cap)"
-    )
+    max_slice: float = Field(default=30.0, gt=0, description="longest slice in seconds (Qwen2-Audio encoder cap)")
 
 
 class SamplingParams(BaseModel):
@@ -27,9 +23,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k")
-    max_new_tokens: int = Field(
-        default=512, ge=1, description="per generate call, as in the paper (per turn)"
-    )
+    max_new_tokens: int = Field(default=512, ge=1, description="per generate call, as in the paper (per turn)")
     seed: int | None = None
 
 
@@ -40,10 +34,6 @@ class AgentConfig(BaseModel):
 
     listen: ListenLimits = ListenLimits()
     sampling: SamplingParams = SamplingParams()
-    max_model_calls: int = Field(
-        default=12, ge=1, description="generate calls per question, retries included"
-    )
-    max_retries: int = Field(
-        default=1, ge=0, description="verifier -> model retries for a missing/malformed answer"
-    )
+    max_model_calls: int = Field(default=12, ge=1, description="generate calls per question, retries included")
+    max_retries: int = Field(default=1, ge=0, description="verifier -> model retries for a missing/malformed answer")
     protocol: str = Field(default="seg", pattern="^(seg|function)$", description="seg tags or function calls")

@@ -17,6 +17,7 @@ Neither ever raises on model output.
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -63,9 +64,7 @@ def parse_closing_seg(text: str) -> ListenRequest:
             start=None, end=None, raw=raw[:_MAX_RAW], protocol="seg",
             error="could not read the span; write <seg>START, END</seg> in seconds",
         )  # fmt: skip
-    return ListenRequest(
-        start=m.group(2), end=m.group(3), clip=m.group(1), raw=raw[:_MAX_RAW], protocol="seg"
-    )
+    return ListenRequest(start=m.group(2), end=m.group(3), clip=m.group(1), raw=raw[:_MAX_RAW], protocol="seg")
 
 
 def _model_text(gen: Generation) -> TextPart:
@@ -171,7 +170,7 @@ class FunctionCallProtocol(ListenProtocol):
             )  # fmt: skip
         try:
             args = json.loads(call["arguments"] or "{}")
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, and ints over Python's 4300-digit limit
             args = None
         if not isinstance(args, dict):
             return ListenRequest(
@@ -183,7 +182,10 @@ class FunctionCallProtocol(ListenProtocol):
             if isinstance(v, bool):
                 return None
             if isinstance(v, int | float):
-                return float(v)
+                try:
+                    return float(v)
+                except OverflowError:  # an int too large for a float: a number, but not a finite one
+                    return math.inf if v > 0 else -math.inf
             if isinstance(v, str):
                 return v[:40]
             return None

@@ -26,7 +26,9 @@ Per-family facts (transformers 5.24):
 - Qwen2.5-Omni: the hub feature extractor has `chunk_length=300`, so the processor pads every clip to
   300 s (30000 frames). The thinker drops padded frames through `feature_attention_mask` before its
   encoder, so the padded length is free: `EncodedAudio` keeps only the valid frames and
-  `collate_audio_features` pads to the longest clip.
+  `collate_audio_features` pads to the longest clip. Longer clips are truncated to 300 s (7500 tokens).
+- Qwen2-Audio takes a "legacy" merge path when no two `<|AUDIO|>` tokens are adjacent anywhere in the
+  batch (only clips under 0.08 s give a single token); the 0.2 s minimum slice (5 tokens) avoids it.
 - Qwen2.5-Omni positions: with audio only (no image/video grid) `get_rope_index` takes its text branch,
   so position ids are plain `cumsum(attention_mask) - 1` on all three M-RoPE axes and `rope_deltas` is 0.
   An audio block inserted mid-assistant-turn needs no position handling: pass `input_ids`,
@@ -42,14 +44,13 @@ Per-family facts (transformers 5.24):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2_5OmniProcessor,
     Qwen2_5OmniThinkerConfig,
@@ -207,7 +208,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _check_family(family: str) -> QwenFamily:
     if family not in QWEN_FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(QWEN_FAMILIES)}")
-    return cast(QwenFamily, family)
+    return family
 
 
 def build_qwen_tokenizer(family: Literal["qwen2_audio", "qwen2_5_omni"]) -> PreTrainedTokenizerFast:
@@ -280,9 +281,7 @@ def build_qwen2_5_omni_processor() -> Qwen2_5OmniProcessor:
 
 def _check_vocab_size(vocab_size: int) -> None:
     if vocab_size < QWEN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size {vocab_size} does not cover the tiny tokenizer ({QWEN_VOCAB_SIZE} tokens)"
-        )
+        raise ValueError(f"vocab_size {vocab_size} does not cover the tiny tokenizer ({QWEN_VOCAB_SIZE} tokens)")
 
 
 def _text_token_ids() -> dict[str, int]:
@@ -323,6 +322,11 @@ def tiny_qwen2_audio_config(vocab_size: int) -> Qwen2AudioConfig:
 def tiny_qwen2_5_omni_thinker_config(vocab_size: int) -> Qwen2_5OmniThinkerConfig:
     """Qwen2.5-Omni thinker config with hidden size 32 and 2 layers; token ids match `build_qwen_tokenizer`."""
     _check_vocab_size(vocab_size)
+    # Not declared config fields, but get_rope_index reads them: forward fails without.
+    vision_ids: dict[str, Any] = {
+        "vision_start_token_id": QWEN_TOKEN_IDS["<|vision_bos|>"],
+        "vision_end_token_id": QWEN_TOKEN_IDS["<|vision_eos|>"],
+    }
     return Qwen2_5OmniThinkerConfig(
         audio_config={
             "d_model": 32,
@@ -359,16 +363,14 @@ def tiny_qwen2_5_omni_thinker_config(vocab_size: int) -> Qwen2_5OmniThinkerConfi
         audio_start_token_id=QWEN_TOKEN_IDS["<|audio_bos|>"],
         audio_end_token_id=QWEN_TOKEN_IDS["<|audio_eos|>"],
         user_token_id=USER_TOKEN_ID,
-        # Not declared fields, but get_rope_index reads them: forward fails without.
-        vision_start_token_id=QWEN_TOKEN_IDS["<|vision_bos|>"],
-        vision_end_token_id=QWEN_TOKEN_IDS["<|vision_eos|>"],
+        **vision_ids,
     )
 
 
-def _finish(model: torch.nn.Module) -> None:
+def _finish(model: PreTrainedModel) -> None:
     """eval mode and chat-model generation ids (hub generation_config: eos [im_end, endoftext])."""
     model.eval()
-    gen = model.generation_config
+    gen: GenerationConfig = model.generation_config
     gen.eos_token_id = [QWEN_TOKEN_IDS["<|im_end|>"], QWEN_TOKEN_IDS["<|endoftext|>"]]
     gen.pad_token_id = QWEN_TOKEN_IDS["<|endoftext|>"]
     gen.bos_token_id = QWEN_TOKEN_IDS["<|endoftext|>"]
@@ -394,89 +396,3 @@ def build_tiny_qwen2_5_omni_thinker(
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     _finish(model)
     return model, processor
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Several clips in one sequence
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncodedAudio:
-    """One clip as the real processor encodes it, ready to be spliced into a longer sequence."""
-
-    input_ids: list[int]
-    """`<|audio_bos|>`, N x `<|AUDIO|>` (N from the clip's length), `<|audio_eos|>`."""
-    features: torch.Tensor
-    """Mel features `(128, T)`: T = 3000 for Qwen2-Audio, the valid frames only for the Omni thinker."""
-    feature_mask: torch.Tensor
-    """Feature attention mask `(T,)`: 1 on valid frames."""
-
-    @property
-    def num_audio_tokens(self) -> int:
-        """How many `<|AUDIO|>` tokens this clip costs."""
-        return len(self.input_ids) - 2
-
-
-def processor_family(processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor) -> QwenFamily:
-    """Which family a processor belongs to."""
-    if isinstance(processor, Qwen2_5OmniProcessor):
-        return "qwen2_5_omni"
-    if isinstance(processor, Qwen2AudioProcessor):
-        return "qwen2_audio"
-    raise TypeError(f"unsupported processor {type(processor).__name__}")
-
-
-def encode_audio_placeholder(
-    processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor,
-    waveform: np.ndarray,
-    sampling_rate: int = SAMPLING_RATE,
-) -> EncodedAudio:
-    """Run the real processor on `AUDIO_PLACEHOLDER` with one mono clip; return its ids and features.
-
-    Concatenating the ids of several clips (with text between) and collating their features with
-    `collate_audio_features` gives the same model inputs as one processor call on the whole text.
-    """
-    family = processor_family(processor)
-    clip = np.asarray(waveform, dtype=np.float32)
-    if clip.ndim != 1:
-        raise ValueError(f"expected a mono waveform (1-D), got shape {clip.shape}")
-    if clip.size == 0:
-        raise ValueError("cannot encode an empty waveform")
-    out = processor(text=AUDIO_PLACEHOLDER, audio=[clip], sampling_rate=sampling_rate, return_tensors="pt")
-    input_ids = [int(i) for i in out["input_ids"][0].tolist()]
-    features = out["input_features"][0]
-    mask = out["feature_attention_mask"][0]
-    if family == "qwen2_5_omni":
-        valid = int(mask.sum())
-        features = features[:, :valid].clone()
-        mask = mask[:valid].clone()
-    return EncodedAudio(input_ids=input_ids, features=features, feature_mask=mask)
-
-
-def collate_audio_features(family: str, clips: Sequence[EncodedAudio]) -> dict[str, torch.Tensor]:
-    """Model kwargs `input_features` `(N, 128, T)` and `feature_attention_mask` `(N, T)` for the clips in
-    the order their placeholders appear in `input_ids`.
-
-    Qwen2-Audio: T = 3000 (the encoder's fixed length). Omni thinker: T = the longest clip; the thinker
-    ignores padded frames.
-    """
-    fam = _check_family(family)
-    if not clips:
-        raise ValueError("no clips to collate")
-    lengths = [int(c.features.shape[-1]) for c in clips]
-    if fam == "qwen2_audio":
-        if max(lengths) > QWEN2_AUDIO_MEL_FRAMES:
-            raise ValueError(
-                f"Qwen2-Audio clips have at most {QWEN2_AUDIO_MEL_FRAMES} mel frames, got {max(lengths)}"
-            )
-        target = QWEN2_AUDIO_MEL_FRAMES
-    else:
-        target = max(lengths)
-    features = torch.stack(
-        [torch.nn.functional.pad(c.features, (0, target - c.features.shape[-1])) for c in clips]
-    )
-    masks = torch.stack(
-        [torch.nn.functional.pad(c.feature_mask, (0, target - c.feature_mask.shape[-1])) for c in clips]
-    )
-    return {"input_features": features, "feature_attention_mask": masks}

@@ -48,9 +48,7 @@ class RewardWeights(BaseModel):
     format: float = 0.5
     accuracy: float = 0.5
     segment: float = 0.5
-    consistency_per_break: float = Field(
-        default=-0.1, le=0.0, description="added once per break after </seg>"
-    )
+    consistency_per_break: float = Field(default=-0.1, le=0.0, description="added once per break after </seg>")
     consistency_cap: float = Field(default=-0.5, le=0.0, description="most negative total consistency term")
 
     @classmethod
@@ -195,9 +193,7 @@ def extract_answer(text: str) -> str | None:
     return bodies[0].strip() if bodies else None
 
 
-def _is_correct(
-    answer: str | None, choice: str | None, gold: str | None, choices: Sequence[str]
-) -> bool | None:
+def _is_correct(answer: str | None, choice: str | None, gold: str | None, choices: Sequence[str]) -> bool | None:
     if gold is None:
         return None
     if answer is None or choice is None:

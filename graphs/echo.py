@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_stream_writer
-from langgraph.graph import END, START, StateGraph
+from langgraph.graph import START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
 from ..audio import AudioRef, AudioStore
@@ -144,9 +144,7 @@ def build_echo_graph(
         used = state["audios_used"]
         outcomes: list[ListenOutcome] = []
         for raw in state["pending"]:
-            outcome = tool(
-                ListenRequest.model_validate(raw), clips, used, default_clip=state.get("active_clip")
-            )
+            outcome = tool(ListenRequest.model_validate(raw), clips, used, default_clip=state.get("active_clip"))
             used += int(outcome.valid)
             outcomes.append(outcome)
             writer({"type": "listen", "call": outcome.call.model_dump()})

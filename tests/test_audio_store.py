@@ -69,9 +69,7 @@ def _mp3_writable() -> bool:
         ),
     ],
 )
-def test_formats_decode_to_right_duration(
-    tmp_path: Path, ext: str, fmt: str, subtype: str, tol: float
-) -> None:
+def test_formats_decode_to_right_duration(tmp_path: Path, ext: str, fmt: str, subtype: str, tol: float) -> None:
     path = write(tmp_path / f"clip.{ext}", sine(440, 16000, 1.5), 16000, format=fmt, subtype=subtype)
     store = AudioStore()
     ref = store.load(path)

@@ -340,9 +340,7 @@ def test_deepeyes_weights() -> None:
 
 
 def test_custom_weights() -> None:
-    w = RewardWeights(
-        format=1.0, accuracy=2.0, segment=3.0, consistency_per_break=-0.25, consistency_cap=-0.6
-    )
+    w = RewardWeights(format=1.0, accuracy=2.0, segment=3.0, consistency_per_break=-0.25, consistency_cap=-0.6)
     text = response("two", think="<seg>1, 2</seg>A <seg>2, 3</seg>B <seg>3, 4</seg>C")
     v = verify(text, COUNT_CHOICES, "two", 3, w)
     assert v.terms == RewardTerms(format=1.0, accuracy=2.0, segment=3.0, consistency=-0.6)
@@ -391,9 +389,7 @@ FRAGMENTS = [
     "<|AUDIO|>",
 ]
 texts = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=8), max_size=40).map("".join)
-choice_lists = st.lists(
-    st.sampled_from(["one", "two", "three", "2", "0.5-1.0 s"]) | st.text(max_size=12), max_size=6
-)
+choice_lists = st.lists(st.sampled_from(["one", "two", "three", "2", "0.5-1.0 s"]) | st.text(max_size=12), max_size=6)
 
 
 def _bounds(w: RewardWeights) -> tuple[float, float]:

@@ -81,6 +81,9 @@ class ListenOutcome(BaseModel):
         return self.call.valid
 
 
+_EPS = 1e-9  # seconds; far below one sample at any audio rate
+
+
 def _to_float(value: str | float | None) -> float | None:
     if value is None or isinstance(value, bool):
         return None
@@ -152,9 +155,10 @@ class ListenTool:
             end = duration
             notes.append(f"end clamped to {duration:.2f} s")
         length = end - start
-        if length < lim.min_slice:
+        # Tolerate float rounding, so that e.g. 1.1-1.3 s (0.19999999999999996) counts as 0.2 s.
+        if length < lim.min_slice - _EPS:
             return invalid(f"slice shorter than {lim.min_slice:g} s")
-        if length > lim.max_slice:
+        if length > lim.max_slice + _EPS:
             return invalid(f"slice longer than {lim.max_slice:g} s; listen to a shorter span")
         call = ListenCall(
             clip=clip, start=start, end=end, valid=True, reason="; ".join(notes) or None, raw=request.raw,

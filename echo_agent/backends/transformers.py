@@ -18,52 +18,101 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from transformers import Qwen2_5OmniProcessor, Qwen2AudioProcessor
 
 from ..errors import BackendError
 from ..messages import AudioPart, Message, ToolCall
 from .base import AudioResolver, DeltaCallback, FinishReason, Generation, GenerationRequest
 
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+QwenFamily = Literal["qwen2_audio", "qwen2_5_omni"]
+SAMPLING_RATE = 16000
+QWEN2_AUDIO_MEL_FRAMES = 3000  # the Qwen2-Audio encoder accepts exactly 30 s of mel frames
 _STOP_OVERHANG = 16
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
-@dataclass(frozen=True)
+@dataclass
 class EncodedAudio:
-    """One audio input as the model sees it: its expanded placeholder ids and its features."""
+    """One clip as the real processor encodes it, ready to be spliced into a longer sequence."""
 
     input_ids: list[int]
-    features: torch.Tensor  # (n_mels, frames) for this clip
-    feature_mask: torch.Tensor  # (frames,)
+    """`<|audio_bos|>`, N x `<|AUDIO|>` (N from the clip's length), `<|audio_eos|>`."""
+    features: torch.Tensor
+    """Mel features `(128, T)`: T = 3000 for Qwen2-Audio, the valid frames only for the Omni thinker."""
+    feature_mask: torch.Tensor
+    """Feature attention mask `(T,)`: 1 on valid frames."""
+
+    @property
+    def num_audio_tokens(self) -> int:
+        """How many `<|AUDIO|>` tokens this clip costs."""
+        return len(self.input_ids) - 2
 
 
-def encode_audio(processor: Any, waveform: np.ndarray, sampling_rate: int) -> EncodedAudio:
-    """Run the real processor on one placeholder and one clip; it decides the audio token count."""
-    out = processor(
-        text=AUDIO_PLACEHOLDER, audio=[np.asarray(waveform, dtype=np.float32)], sampling_rate=sampling_rate,
-        return_tensors="pt",
-    )  # fmt: skip
-    return EncodedAudio(
-        input_ids=out["input_ids"][0].tolist(),
-        features=out["input_features"][0],
-        feature_mask=out["feature_attention_mask"][0],
+def processor_family(processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor) -> QwenFamily:
+    """Which family a processor belongs to."""
+    if isinstance(processor, Qwen2_5OmniProcessor):
+        return "qwen2_5_omni"
+    if isinstance(processor, Qwen2AudioProcessor):
+        return "qwen2_audio"
+    raise TypeError(f"unsupported processor {type(processor).__name__}")
+
+
+def encode_audio_placeholder(
+    processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor,
+    waveform: np.ndarray,
+    sampling_rate: int = SAMPLING_RATE,
+) -> EncodedAudio:
+    """Run the real processor on `AUDIO_PLACEHOLDER` with one mono clip; return its ids and features.
+
+    Concatenating the ids of several clips (with text between) and collating their features with
+    `collate_audio_features` gives the same model inputs as one processor call on the whole text.
+    """
+    family = processor_family(processor)
+    clip = np.asarray(waveform, dtype=np.float32)
+    if clip.ndim != 1:
+        raise ValueError(f"expected a mono waveform (1-D), got shape {clip.shape}")
+    if clip.size == 0:
+        raise ValueError("cannot encode an empty waveform")
+    out = processor(text=AUDIO_PLACEHOLDER, audio=[clip], sampling_rate=sampling_rate, return_tensors="pt")
+    input_ids = [int(i) for i in out["input_ids"][0].tolist()]
+    features = out["input_features"][0]
+    mask = out["feature_attention_mask"][0]
+    if family == "qwen2_5_omni":
+        valid = int(mask.sum())
+        features = features[:, :valid].clone()
+        mask = mask[:valid].clone()
+    return EncodedAudio(input_ids=input_ids, features=features, feature_mask=mask)
+
+
+def collate_audio_features(family: str, clips: Sequence[EncodedAudio]) -> dict[str, torch.Tensor]:
+    """Model kwargs `input_features` `(N, 128, T)` and `feature_attention_mask` `(N, T)` for the clips in
+    the order their placeholders appear in `input_ids`.
+
+    Qwen2-Audio: T = 3000 (the encoder's fixed length). Omni thinker: T = the longest clip; the thinker
+    ignores padded frames.
+    """
+    if family not in ("qwen2_audio", "qwen2_5_omni"):
+        raise ValueError(f"unsupported family {family!r}")
+    fam = family
+    if not clips:
+        raise ValueError("no clips to collate")
+    lengths = [int(c.features.shape[-1]) for c in clips]
+    if fam == "qwen2_audio":
+        if max(lengths) > QWEN2_AUDIO_MEL_FRAMES:
+            raise ValueError(f"Qwen2-Audio clips have at most {QWEN2_AUDIO_MEL_FRAMES} mel frames, got {max(lengths)}")
+        target = QWEN2_AUDIO_MEL_FRAMES
+    else:
+        target = max(lengths)
+    features = torch.stack([torch.nn.functional.pad(c.features, (0, target - c.features.shape[-1])) for c in clips])
+    masks = torch.stack(
+        [torch.nn.functional.pad(c.feature_mask, (0, target - c.feature_mask.shape[-1])) for c in clips]
     )
-
-
-def collate_audio(clips: Sequence[EncodedAudio]) -> dict[str, torch.Tensor]:
-    """Stack per-clip features in order, padding time to the longest (masked out)."""
-    frames = max(int(c.features.shape[-1]) for c in clips)
-    feats = torch.zeros(len(clips), clips[0].features.shape[0], frames, dtype=clips[0].features.dtype)
-    mask = torch.zeros(len(clips), frames, dtype=clips[0].feature_mask.dtype)
-    for i, c in enumerate(clips):
-        n = int(c.features.shape[-1])
-        feats[i, :, :n] = c.features
-        mask[i, :n] = c.feature_mask
-    return {"input_features": feats, "feature_attention_mask": mask}
+    return {"input_features": features, "feature_attention_mask": masks}
 
 
 @dataclass
@@ -120,9 +169,7 @@ def parse_tool_calls(text: str, first_index: int = 0) -> list[ToolCall]:
             obj = None
         if isinstance(obj, dict) and isinstance(obj.get("name"), str):
             args = obj.get("arguments", {})
-            calls.append(
-                {"id": f"call_{first_index + i}", "name": obj["name"], "arguments": json.dumps(args)}
-            )
+            calls.append({"id": f"call_{first_index + i}", "name": obj["name"], "arguments": json.dumps(args)})
         else:
             calls.append({"id": f"call_{first_index + i}", "name": "listen", "arguments": body[:200]})
     return calls
@@ -167,6 +214,7 @@ class TransformersBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.family: QwenFamily = processor_family(processor)
         self._name = name or str(getattr(model.config, "name_or_path", "") or model.config.model_type)
         self._lock = threading.Lock()
         self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
@@ -211,7 +259,7 @@ class TransformersBackend:
         if hit is not None:
             self._features.move_to_end(key)
             return hit
-        enc = encode_audio(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
+        enc = encode_audio_placeholder(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
         self._features[key] = enc
         if len(self._features) > self._cache_size:
             self._features.popitem(last=False)
@@ -271,7 +319,7 @@ class TransformersBackend:
         input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if prompt.audios:
-            feats = collate_audio(prompt.audios)
+            feats = collate_audio_features(self.family, prompt.audios)
             kwargs["input_features"] = feats["input_features"].to(device=device, dtype=self.model.dtype)
             kwargs["feature_attention_mask"] = feats["feature_attention_mask"].to(device)
         greedy = s.temperature == 0
@@ -299,9 +347,7 @@ class TransformersBackend:
         logits = torch.stack([step[0] for step in out.logits]).float()
         if not greedy:
             logits = logits / s.temperature
-        logprobs = (
-            torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
-        )
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish: FinishReason = "length"
         stop_string: str | None = None

@@ -1,0 +1,216 @@
+"""The `echo-agent` command line. Bad input (audio, arguments, model paths) ends with a one-line
+`error: ...` and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from .config import AgentConfig, SamplingParams
+from .errors import EchoError
+
+EXIT_USAGE = 2
+
+
+def _home() -> Path:
+    return Path(os.environ.get("ECHO_AGENT_HOME", Path.home() / ".echo-agent"))
+
+
+def _agent_config(args: argparse.Namespace) -> AgentConfig:
+    sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return AgentConfig(sampling=sampling, protocol=args.protocol)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory or built-in name (default: %(default)s → built-in)")
+    p.add_argument("--protocol", choices=["seg", "function"], default="seg", help="how the model asks to re-listen")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per generate call")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echo-agent", description="Audio-interleaved reasoning: ask about a clip.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer one question about a clip, streaming the reasoning")
+    ask.add_argument("audio", help="audio file (wav, flac, ogg, mp3)")
+    ask.add_argument("question")
+    ask.add_argument("--choice", action="append", default=[], help="a multiple-choice option (repeat)")
+    ask.add_argument("--json", action="store_true", help="print only the result object as JSON")
+    _add_model_args(ask)
+
+    chat = sub.add_parser("chat", help="interactive session about one or more clips, persisted in SQLite")
+    chat.add_argument("audio", nargs="?", help="audio file (optional when resuming a thread)")
+    chat.add_argument("--thread", default=None, help="thread id to resume (default: a new thread)")
+    chat.add_argument("--db", default=None, help="SQLite file (default: $ECHO_AGENT_HOME/chat.sqlite)")
+    _add_model_args(chat)
+    return parser
+
+
+class _Printer:
+    """Renders graph events for a terminal: reasoning as it streams, each re-listen on its own line."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "text":
+            self.console.print(escape(event["delta"]), end="", highlight=False, soft_wrap=True)
+        elif kind == "listen":
+            call = event["call"]
+            if call["valid"]:
+                extra = f" ({call['reason']})" if call.get("reason") else ""
+                span = f"{call['start']:.2f}-{call['end']:.2f} s"
+                self.console.print(f"\n[bold cyan]⟲ listen {call['clip']} {span}{escape(extra)}[/]")
+            else:
+                self.console.print(f"\n[bold red]✗ listen {escape(call['raw'])}: {escape(call['reason'] or '')}[/]")
+        elif kind == "retry":
+            self.console.print(f"\n[yellow]↻ verifier: {event['reason']}, asking again[/]")
+
+
+def _summary(console: Console, result: dict[str, Any]) -> None:
+    console.print()
+    valid = sum(1 for c in result["listens"] if c["valid"])
+    console.print(f"[dim]listens: {valid} valid / {len(result['listens'])} total[/]")
+    if result["answer"] is None:
+        console.print("[bold red]No answer[/] (the model did not produce <answer>...</answer>)")
+        return
+    console.print(f"[bold]Answer:[/] {escape(result['answer'])}")
+    if result.get("choice") is not None:
+        console.print(f"[bold]Choice:[/] {escape(result['choice'])}")
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from .agent import EchoAgent, load_backend
+
+    console = Console(highlight=False)
+    agent = EchoAgent(load_backend(args.model), config=_agent_config(args))
+    ref = agent.load(args.audio)  # validate the audio before loading anything else heavy
+    printer = _Printer(console)
+    result: dict[str, Any] = {}
+    async for event in agent.astream(ref, args.question, args.choice or None):
+        if event["type"] == "result":
+            result = event["result"]
+        elif not args.json:
+            printer(event)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _summary(console, result)
+    return 0
+
+
+_CHOICES_RE = re.compile(r"\[([^\[\]]*\|[^\[\]]*)\]\s*$")
+
+
+def split_choices(line: str) -> tuple[str, list[str]]:
+    """`How many beeps? [2 | 3 | 4]` -> ("How many beeps?", ["2", "3", "4"])."""
+    m = _CHOICES_RE.search(line)
+    if not m:
+        return line.strip(), []
+    return line[: m.start()].strip(), [c.strip() for c in m.group(1).split("|") if c.strip()]
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    from .agent import EchoAgent, load_backend
+    from .audio import AudioRef
+    from .messages import message_text
+
+    console = Console(highlight=False)
+    db = Path(args.db) if args.db else _home() / "chat.sqlite"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    thread = args.thread or uuid.uuid4().hex[:12]
+    config: Any = {"configurable": {"thread_id": thread}}
+    async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
+        agent = EchoAgent(load_backend(args.model), config=_agent_config(args), checkpointer=saver)
+        snapshot = await agent.graph.aget_state(config)
+        state: dict[str, Any] = dict(snapshot.values) if snapshot and snapshot.values else {}
+        clips: dict[str, dict[str, Any]] = dict(state.get("clips", {}))
+        if args.thread and not state:
+            console.print(f"[yellow]thread {thread} has no history in {db}; starting it[/]")
+        for msg in state.get("conversation", []):
+            who = "you" if msg["role"] == "user" else msg["role"]
+            console.print(f"[dim]{who}: {escape(message_text(msg, '[audio]'))}[/]")
+        pending: dict[str, AudioRef] = {}
+
+        def add_clip(path: str, clip_id: str | None = None) -> None:
+            ref = agent.load(path)
+            known = {**{c: r["sha256"] for c, r in clips.items()}, **{c: r.sha256 for c, r in pending.items()}}
+            for cid, sha in known.items():
+                if sha == ref.sha256:
+                    console.print(f"[dim]{path} is already loaded as '{cid}'[/]")
+                    return
+            cid = clip_id or ("main" if not clips and not pending else f"clip{len(clips) + len(pending) + 1}")
+            pending[cid] = ref
+            console.print(f"[dim]loaded {path} as '{cid}' ({ref.duration:.1f} s)[/]")
+
+        if args.audio:
+            add_clip(args.audio)
+        if not clips and not pending:
+            raise EchoError("no audio: give an audio file, or --thread ID of a session that has one")
+        console.print(
+            f"[bold]thread {thread}[/] (resume with --thread {thread}). Ask a question; end it with "
+            "[2 | 3 | 4] for choices. /load PATH adds a clip, /quit leaves."
+        )
+        printer = _Printer(console)
+        while True:
+            try:
+                line = await asyncio.to_thread(input, "you> ")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line.startswith("/load "):
+                try:
+                    add_clip(line[6:].strip())
+                except EchoError as err:
+                    console.print(f"[red]error: {escape(str(err))}[/]")
+                continue
+            question, choices = split_choices(line)
+            result: dict[str, Any] = {}
+            async for event in agent.astream(pending or None, question, choices or None, thread_id=thread):
+                if event["type"] == "result":
+                    result = event["result"]
+                else:
+                    printer(event)
+            clips.update({c: r.model_dump() for c, r in pending.items()})
+            pending = {}
+            _summary(console, result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ask":
+            return asyncio.run(_ask(args))
+        if args.command == "chat":
+            return asyncio.run(_chat(args))
+    except EchoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
