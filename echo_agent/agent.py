@@ -58,9 +58,13 @@ class Result(BaseModel):
 
 def load_backend(model: str | None = None) -> ModelBackend:
     """A backend by name: a tiny random built-in model, or a local transformers model directory."""
+    name = model or DEFAULT_MODEL
+    path = Path(name)
+    if name not in TINY_MODELS and not path.exists():  # fail before the slow transformers import
+        raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")
+
     from .backends.transformers import TransformersBackend
 
-    name = model or DEFAULT_MODEL
     if name == "tiny-random-qwen2-audio":
         from .tiny_models import build_tiny_qwen2_audio
 
@@ -69,9 +73,6 @@ def load_backend(model: str | None = None) -> ModelBackend:
         from .tiny_models import build_tiny_qwen2_5_omni_thinker
 
         return TransformersBackend(*build_tiny_qwen2_5_omni_thinker(seed=0), name=name)
-    path = Path(name)
-    if not path.exists():
-        raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")
     return TransformersBackend.from_pretrained(path)
 
 

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from .config import AgentConfig, SamplingParams
-from .errors import EchoError
+from .errors import ConfigError, EchoError
 
 EXIT_USAGE = 2
+NO_AUDIO = "no audio: give an audio file, or --thread ID of a session that has one"
 
 
 def _home() -> Path:
@@ -28,8 +30,12 @@ def _home() -> Path:
 
 
 def _agent_config(args: argparse.Namespace) -> AgentConfig:
-    sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    return AgentConfig(sampling=sampling, protocol=args.protocol)
+    try:
+        sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        return AgentConfig(sampling=sampling, protocol=args.protocol)
+    except ValidationError as err:
+        problems = "; ".join(f"--{str(e['loc'][-1]).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise ConfigError(problems) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -94,11 +100,17 @@ def _summary(console: Console, result: dict[str, Any]) -> None:
 
 
 async def _ask(args: argparse.Namespace) -> int:
+    from .audio import AudioStore
+
+    # Validate the arguments and the audio before loading anything heavy (the model).
+    config = _agent_config(args)
+    store = AudioStore()
+    ref = store.load(args.audio)
+
     from .agent import EchoAgent, load_backend
 
     console = Console(highlight=False)
-    agent = EchoAgent(load_backend(args.model), config=_agent_config(args))
-    ref = agent.load(args.audio)  # validate the audio before loading anything else heavy
+    agent = EchoAgent(load_backend(args.model), store, config=config)
     printer = _Printer(console)
     result: dict[str, Any] = {}
     async for event in agent.astream(ref, args.question, args.choice or None):
@@ -125,10 +137,17 @@ def split_choices(line: str) -> tuple[str, list[str]]:
 
 
 async def _chat(args: argparse.Namespace) -> int:
+    from .audio import AudioRef, AudioStore
+
+    # Validate the arguments and the audio before loading anything heavy (the model).
+    agent_config = _agent_config(args)
+    store = AudioStore()
+    if args.audio:
+        store.load(args.audio)
+
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     from .agent import EchoAgent, load_backend
-    from .audio import AudioRef
     from .messages import message_text
 
     console = Console(highlight=False)
@@ -137,7 +156,9 @@ async def _chat(args: argparse.Namespace) -> int:
     thread = args.thread or uuid.uuid4().hex[:12]
     config: Any = {"configurable": {"thread_id": thread}}
     async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
-        agent = EchoAgent(load_backend(args.model), config=_agent_config(args), checkpointer=saver)
+        if not args.audio and await saver.aget_tuple(config) is None:  # fail before loading the model
+            raise EchoError(NO_AUDIO)
+        agent = EchoAgent(load_backend(args.model), store, config=agent_config, checkpointer=saver)
         snapshot = await agent.graph.aget_state(config)
         state: dict[str, Any] = dict(snapshot.values) if snapshot and snapshot.values else {}
         clips: dict[str, dict[str, Any]] = dict(state.get("clips", {}))
@@ -162,7 +183,7 @@ async def _chat(args: argparse.Namespace) -> int:
         if args.audio:
             add_clip(args.audio)
         if not clips and not pending:
-            raise EchoError("no audio: give an audio file, or --thread ID of a session that has one")
+            raise EchoError(NO_AUDIO)
         console.print(
             f"[bold]thread {thread}[/] (resume with --thread {thread}). Ask a question; end it with "
             "[2 | 3 | 4] for choices. /load PATH adds a clip, /quit leaves."

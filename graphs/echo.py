@@ -22,6 +22,7 @@ from langgraph.graph.state import CompiledStateGraph
 from ..audio import AudioRef, AudioStore
 from ..backends.base import AudioResolver, GenerationRequest, ModelBackend
 from ..config import AgentConfig
+from ..errors import ConfigError
 from ..messages import Message, Part, audio_part, text_part
 from ..prompts import RETRY_NUDGE, format_question
 from ..protocols import make_protocol
@@ -85,12 +86,12 @@ def build_echo_graph(
         """Open a question: add the user turn (with any clip not yet heard) and reset per-question counters."""
         clips = clip_refs(state)
         if not clips:
-            raise ValueError("the graph input has no clips: load audio with AudioStore and pass its refs")
+            raise ConfigError("the graph input has no clips: load audio with AudioStore and pass its refs")
         introduced = list(state.get("introduced", []))
         new = [cid for cid in clips if cid not in introduced]
         active = state.get("active_clip") or (new[-1] if new else introduced[-1])
         if active not in clips:
-            raise ValueError(f"active_clip {active!r} is not a loaded clip ({', '.join(clips)})")
+            raise ConfigError(f"active_clip {active!r} is not a loaded clip ({', '.join(clips)})")
         parts: list[Part] = [audio_part(cid) for cid in new]
         durations = {cid: ref.duration for cid, ref in clips.items()}
         parts.append(text_part(format_question(state["question"], state.get("choices"), durations, active)))

@@ -26,7 +26,7 @@ class EchoInput(TypedDict):
     question: str
     choices: NotRequired[list[str]]
     gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
-    active_clip: NotRequired[str]  # which clip plain <seg> tags refer to; default: the newest
+    active_clip: NotRequired[str | None]  # which clip plain <seg> tags refer to; None: the newest
 
 
 class EchoOutput(TypedDict):
@@ -61,13 +61,11 @@ def new_question(
     active_clip: str | None = None,
 ) -> EchoInput:
     """Build a graph input. `clips` may be omitted in a chat thread that already has them."""
-    # choices and gold are always set: in a chat thread, absent keys would keep the last question's values.
-    inp: EchoInput = {
+    # Every per-question key is always set: in a chat thread, absent keys would keep the last question's values.
+    return {
         "clips": clips or {},
         "question": question,
         "choices": list(choices or []),
         "gold": gold,
+        "active_clip": active_clip,
     }
-    if active_clip is not None:
-        inp["active_clip"] = active_clip
-    return inp

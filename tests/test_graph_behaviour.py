@@ -175,3 +175,22 @@ async def test_checkpoint_size_independent_of_audio_length(tmp_path: Path) -> No
     assert sizes["long"] < 100_000, sizes  # a 60 s clip is 3.8 MB of float32 samples
     assert sizes["long"] < audio_bytes_60s / 30
     assert abs(sizes["long"] - sizes["short"]) < 0.15 * sizes["short"], sizes
+
+
+async def test_chat_thread_adds_a_clip_and_plain_seg_means_the_newest(tmp_path: Path) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    first = write_beeps(tmp_path / "a.wav", 8.0, [(1.0, 0.2)])
+    second = write_beeps(tmp_path / "b.wav", 4.0, [(2.0, 0.2)], seed=1)
+    backend = ScriptedBackend(
+        [done("<think>x</think><answer>1</answer>"), seg("<think><seg>1.0, 2.0"), done(" y</think><answer>1</answer>")]
+    )
+    agent = EchoAgent(backend, checkpointer=InMemorySaver())
+    await agent.ask(first, "Q1?", thread_id="t")
+    result = await agent.ask({"clip2": second}, "Q2?", thread_id="t")
+    assert [(c.clip, c.valid) for c in result.listens] == [("clip2", True)]
+    # The second question's user turn carries only the new clip, and the prompt names both clips.
+    user2 = backend.requests[1].messages[-1]
+    assert [p.get("clip") for p in user2["content"] if p["type"] == "audio"] == ["clip2"]
+    assert "'main' (8.0 s)" in user2["content"][-1]["text"]  # type: ignore[typeddict-item]
+    assert backend.audio_seen[2] == [("main", None, None), ("clip2", None, None), ("clip2", 1.0, 2.0)]

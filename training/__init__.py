@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Training data and stages; `synth` generates the synthetic audio-puzzle suite (design §8)."""
