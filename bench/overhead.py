@@ -407,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target": TARGET,
         "ok": ratio <= TARGET,
     }
+    if not args.no_diagnostic:
+        report["ratio_graph_without_on_delta"] = round(med[paths[2].name] / med[bare.name], 4)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
