@@ -42,6 +42,7 @@ class Result(BaseModel):
     verdict: Verdict | None = Field(description="the verifier's verdict with its reward terms")
     text: str = Field(description="the final attempt's reasoning text, audio removed")
     status: Literal["running", "retry", "answered", "no_answer"]
+    generated_tokens: int = Field(0, description="tokens the model sampled for this question, retries included")
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Result:
@@ -53,6 +54,7 @@ class Result(BaseModel):
             verdict=Verdict.model_validate(verdict) if verdict else None,
             text=state.get("reasoning", ""),
             status=state.get("status", "no_answer"),
+            generated_tokens=state.get("generated_tokens", 0),
         )
 
 

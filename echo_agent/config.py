@@ -37,3 +37,12 @@ class AgentConfig(BaseModel):
     max_model_calls: int = Field(default=12, ge=1, description="generate calls per question, retries included")
     max_retries: int = Field(default=1, ge=0, description="verifier -> model retries for a missing/malformed answer")
     protocol: str = Field(default="seg", pattern="^(seg|function)$", description="seg tags or function calls")
+    mode: str = Field(
+        default="interleaved",
+        pattern="^(interleaved|grounded|text)$",
+        description=(
+            "the paper's Table 3 settings: interleaved = re-listened audio is inserted; grounded = <seg> tags "
+            "stay in the text but nothing is inserted (generation runs on past them); text = no <seg> tags "
+            "(the backend is told to suppress them)"
+        ),
+    )

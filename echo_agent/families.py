@@ -7,13 +7,17 @@ from typing import Any
 
 from .errors import BackendError
 
-SUPPORTED = ("qwen2_audio", "qwen2_5_omni_thinker", "qwen2_5_omni")
+SUPPORTED = ("echo_tiny", "qwen2_audio", "qwen2_5_omni_thinker", "qwen2_5_omni")
 
 
 def model_class(config: Any) -> Any:
     import transformers
 
     model_type = getattr(config, "model_type", None)
+    if model_type == "echo_tiny":
+        from .echo_tiny import EchoTinyForConditionalGeneration
+
+        return EchoTinyForConditionalGeneration
     if model_type == "qwen2_audio":
         return transformers.Qwen2AudioForConditionalGeneration
     if model_type == "qwen2_5_omni_thinker":

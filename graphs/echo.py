@@ -25,7 +25,7 @@ from ..config import AgentConfig
 from ..errors import ConfigError
 from ..messages import Message, Part, audio_part, text_part
 from ..prompts import RETRY_NUDGE, format_question
-from ..protocols import make_protocol
+from ..protocols import SEG_OPEN, make_protocol
 from ..tools.listen import ListenOutcome, ListenRequest, ListenTool
 from ..verifier import verify
 from .state import EchoInput, EchoOutput, EchoState
@@ -107,6 +107,8 @@ def build_echo_graph(
             "model_calls": 0,
             "retries": 0,
             "attempt_start": len(conversation),
+            "question_start": len(conversation),
+            "generated_tokens": 0,
             "answer": None,
             "choice": None,
             "verdict": None,
@@ -122,8 +124,10 @@ def build_echo_graph(
         request = GenerationRequest(
             messages=state["conversation"],
             continue_final=protocol.continues_turn(state["open_turn"]),
-            stop=protocol.stop,
-            tools=protocol.tools,
+            # Grounded and text modes never stop to listen; text mode also forbids the tags.
+            stop=protocol.stop if cfg.mode == "interleaved" else [],
+            tools=protocol.tools if cfg.mode == "interleaved" else None,
+            suppress=[SEG_OPEN] if cfg.mode == "text" else [],
             sampling=sampling,
         )
         gen = await backend.generate(
@@ -177,7 +181,15 @@ def build_echo_graph(
                 "status": "retry",
             }
         writer({"type": "verdict", "verdict": verdict.model_dump()})
+        generated = sum(
+            len(p.get("token_ids", []))
+            for m in state["conversation"][state["question_start"] :]
+            if m["role"] == "assistant"
+            for p in m["content"]
+            if p["type"] == "text" and p["origin"] == "model"
+        )
         return {
+            "generated_tokens": generated,
             "answer": verdict.answer,
             "choice": verdict.choice,
             "verdict": verdict.model_dump(),

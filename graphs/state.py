@@ -38,6 +38,7 @@ class EchoOutput(TypedDict):
     listens: list[dict[str, Any]]  # ListenCall.model_dump() for every call, valid or not
     reasoning: str  # the final attempt's response text, audio removed
     status: Status
+    generated_tokens: int  # tokens the model sampled for this question, retries included
 
 
 class EchoState(EchoInput, EchoOutput):
@@ -51,6 +52,7 @@ class EchoState(EchoInput, EchoOutput):
     model_calls: int
     retries: int
     attempt_start: int  # index in `conversation` where the current attempt's output starts
+    question_start: int  # index in `conversation` of this question's first response message
 
 
 def new_question(

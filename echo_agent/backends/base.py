@@ -31,6 +31,7 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     tools: list[dict[str, object]] | None = None
     sampling: SamplingParams = SamplingParams()
+    suppress: list[str] = Field(default_factory=list, description="strings the model must not generate")
 
 
 class Generation(BaseModel):

@@ -30,7 +30,8 @@ from ..messages import AudioPart, Message, ToolCall
 from .base import AudioResolver, DeltaCallback, FinishReason, Generation, GenerationRequest
 
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-QwenFamily = Literal["qwen2_audio", "qwen2_5_omni"]
+AudioFamily = Literal["qwen2_audio", "qwen2_5_omni", "echo_tiny"]
+QwenFamily = AudioFamily  # kept for callers that name the Qwen families
 SAMPLING_RATE = 16000
 QWEN2_AUDIO_MEL_FRAMES = 3000  # the Qwen2-Audio encoder accepts exactly 30 s of mel frames
 _STOP_OVERHANG = 16
@@ -54,8 +55,12 @@ class EncodedAudio:
         return len(self.input_ids) - 2
 
 
-def processor_family(processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor) -> QwenFamily:
+def processor_family(processor: Any) -> AudioFamily:
     """Which family a processor belongs to."""
+    from ..echo_tiny import EchoTinyProcessor
+
+    if isinstance(processor, EchoTinyProcessor):
+        return "echo_tiny"
     if isinstance(processor, Qwen2_5OmniProcessor):
         return "qwen2_5_omni"
     if isinstance(processor, Qwen2AudioProcessor):
@@ -64,7 +69,7 @@ def processor_family(processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor) -> Q
 
 
 def encode_audio_placeholder(
-    processor: Qwen2AudioProcessor | Qwen2_5OmniProcessor,
+    processor: Any,
     waveform: np.ndarray,
     sampling_rate: int = SAMPLING_RATE,
 ) -> EncodedAudio:
@@ -83,7 +88,7 @@ def encode_audio_placeholder(
     input_ids = [int(i) for i in out["input_ids"][0].tolist()]
     features = out["input_features"][0]
     mask = out["feature_attention_mask"][0]
-    if family == "qwen2_5_omni":
+    if family != "qwen2_audio":  # only Qwen2-Audio's encoder needs the fixed 30 s of frames
         valid = int(mask.sum())
         features = features[:, :valid].clone()
         mask = mask[:valid].clone()
@@ -97,7 +102,7 @@ def collate_audio_features(family: str, clips: Sequence[EncodedAudio]) -> dict[s
     Qwen2-Audio: T = 3000 (the encoder's fixed length). Omni thinker: T = the longest clip; the thinker
     ignores padded frames.
     """
-    if family not in ("qwen2_audio", "qwen2_5_omni"):
+    if family not in ("qwen2_audio", "qwen2_5_omni", "echo_tiny"):
         raise ValueError(f"unsupported family {family!r}")
     fam = family
     if not clips:
@@ -226,7 +231,7 @@ class TransformersBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.family: QwenFamily = processor_family(processor)
+        self.family: AudioFamily = processor_family(processor)
         self._name = name or str(getattr(model.config, "name_or_path", "") or model.config.model_type)
         self._lock = threading.Lock()
         self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
@@ -257,6 +262,8 @@ class TransformersBackend:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise BackendError(f"{path} is not a model directory (no config.json)")
+        from .. import echo_tiny  # noqa: F401  (registers echo-tiny with the Auto classes)
+
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model_cls = families.model_class(config)
         model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
@@ -347,6 +354,8 @@ class TransformersBackend:
             gen_kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
         if request.stop:
             gen_kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        if request.suppress:
+            gen_kwargs["bad_words_ids"] = [self._encode_text(w) for w in request.suppress]
         if streamer is not None:
             gen_kwargs["streamer"] = streamer
         with self._lock, torch.inference_mode():

@@ -1,0 +1,57 @@
+"""`EchoTinyConfig`: the embedded default model's configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig, Qwen2Config
+
+
+class EchoTinyConfig(PretrainedConfig):
+    """A small audio LLM that hears every audio input through a fixed budget of `audio_tokens` tokens.
+
+    The audio encoder turns log-mel frames into `audio_tokens` embeddings whatever the input's
+    duration: strided convolutions to 25 frames/s, average-pooled to at most `max_audio_positions`
+    frames (so a 60 s clip is heard at ~4 frames/s while a 1 s slice keeps all 25), a small
+    transformer over those frames with sinusoidal embeddings of each frame's time in seconds, and
+    `audio_tokens` learned queries that cross-attend to them. The whole clip is therefore heard
+    coarsely and a short re-listened slice finely: the information bottleneck re-listening breaks.
+    The text side is a Qwen2 decoder (`text_config`).
+    """
+
+    model_type = "echo_tiny"
+    sub_configs = {"text_config": Qwen2Config}
+
+    def __init__(
+        self,
+        text_config: dict[str, Any] | Qwen2Config | None = None,
+        n_mels: int = 64,
+        sampling_rate: int = 16000,
+        audio_hidden_size: int = 128,
+        audio_layers: int = 2,
+        audio_heads: int = 4,
+        audio_tokens: int = 16,
+        max_audio_positions: int = 256,
+        audio_token_id: int = 0,
+        audio_bos_token_id: int = 0,
+        audio_eos_token_id: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(text_config, dict):
+            text_config = Qwen2Config(**text_config)
+        self.text_config = text_config or Qwen2Config()
+        self.n_mels = n_mels
+        self.sampling_rate = sampling_rate
+        self.audio_hidden_size = audio_hidden_size
+        self.audio_layers = audio_layers
+        self.audio_heads = audio_heads
+        self.audio_tokens = audio_tokens
+        self.max_audio_positions = max_audio_positions
+        self.audio_token_id = audio_token_id
+        self.audio_bos_token_id = audio_bos_token_id
+        self.audio_eos_token_id = audio_eos_token_id
+        kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Qwen2Config:
+        return self.text_config
