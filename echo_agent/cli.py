@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ def _home() -> Path:
 def _agent_config(args: argparse.Namespace) -> AgentConfig:
     try:
         sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        return AgentConfig(sampling=sampling, protocol=args.protocol)
+        return AgentConfig(sampling=sampling, protocol=args.protocol, mode=getattr(args, "mode", "interleaved"))
     except ValidationError as err:
         problems = "; ".join(f"--{str(e['loc'][-1]).replace('_', '-')}: {e['msg']}" for e in err.errors())
         raise ConfigError(problems) from None
@@ -62,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--thread", default=None, help="thread id to resume (default: a new thread)")
     chat.add_argument("--db", default=None, help="SQLite file (default: $ECHO_AGENT_HOME/chat.sqlite)")
     _add_model_args(chat)
+
+    ev = sub.add_parser("eval", help="accuracy report on an MMAU (.json) or MMAR (.jsonl) benchmark file")
+    ev.add_argument("data", help="benchmark file; audio paths are relative to it")
+    ev.add_argument(
+        "--mode",
+        choices=["interleaved", "grounded", "text"],
+        default="interleaved",
+        help="interleaved: re-listened audio is inserted; grounded: <seg> tags without audio; text: no tags",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    ev.add_argument("--out", default=None, help="report JSON; predictions and resumable partial results beside it")
+    ev.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (default: %(default)s)")
+    _add_model_args(ev)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic audio-puzzle suite (MMAU format)")
+    synth.add_argument("--out", required=True, help="output folder: <split>.json and audio/")
+    synth.add_argument("--n", type=int, required=True, help="number of items")
+    synth.add_argument("--seed", type=int, required=True)
+    synth.add_argument("--split", default="test", help="split name, used in the file name and ids")
+    synth.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    synth.add_argument("--max-duration", type=float, default=60.0, help="longest clip in seconds (clips run 10 s up)")
     return parser
 
 
@@ -218,6 +242,77 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _eval(args: argparse.Namespace) -> int:
+    from .training.eval import check_out, evaluate, load_benchmark
+
+    # Validate the arguments and the data before loading anything heavy (the model).
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    config = _agent_config(args)
+    items = load_benchmark(args.data)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out(out, items)
+
+    from .agent import EchoAgent, load_backend
+
+    agent = EchoAgent(load_backend(args.model), config=config)
+    report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
+
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(title=f"{escape(report.data)} · {report.mode} · {escape(report.model)}")
+    table.add_column("category")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    for name, score in report.per_category.items():
+        table.add_row(escape(name), str(score.n), f"{100 * score.accuracy:.1f}%")
+    table.add_section()
+    table.add_row("[bold]micro[/]", str(report.n), f"[bold]{100 * report.micro_accuracy:.1f}%[/]")
+    table.add_row("[bold]macro[/]", str(len(report.per_category)), f"[bold]{100 * report.macro_accuracy:.1f}%[/]")
+    console.print(table)
+    console.print(
+        f"errors {report.errors} · no answer {100 * report.no_answer_share:.1f}% · "
+        f"re-listened {100 * report.relisten_share:.1f}% of answered · listens/item {report.mean_listens:.2f} · "
+        f"tokens/item {report.mean_generated_tokens:.1f} · latency {report.mean_latency_s:.2f} s/item"
+    )
+    for failure in report.failed[:5]:
+        console.print(f"[red]error[/] {escape(failure['id'])}: {escape(failure['error'])}")
+    if len(report.failed) > 5:
+        console.print(f"[red]... and {len(report.failed) - 5} more errors (see the report)[/]")
+    if out is not None:
+        console.print(f"report: {escape(str(out))}\npredictions: {escape(str(report.predictions))}")
+    return 0
+
+
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if not 10.0 <= args.max_duration <= 3600.0:
+        raise ConfigError(f"--max-duration must be between 10 and 3600 seconds, got {args.max_duration}")
+    if not _SPLIT_RE.match(args.split):
+        raise ConfigError(f"--split must be letters, digits, '_' or '-', got {args.split!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+
+    from .training.synth import synth_command
+
+    # The progress bar goes to stderr, so stdout holds only the JSON path.
+    with contextlib.redirect_stdout(sys.stderr):
+        path = synth_command(out, args.n, args.seed, args.split, args.workers, durations=(10.0, args.max_duration))
+    print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -225,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_ask(args))
         if args.command == "chat":
             return asyncio.run(_chat(args))
+        if args.command == "eval":
+            return asyncio.run(_eval(args))
+        if args.command == "data" and args.data_command == "synth":
+            return _data_synth(args)
     except EchoError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

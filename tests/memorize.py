@@ -41,7 +41,7 @@ def memorize(
     audios = list(prompt.audios)
     for part in assistant:
         if part["type"] == "audio":
-            enc = backend._encode_audio_part(part, audio)
+            enc = backend.encoder.encode_audio_part(part, audio)
             ids += enc.input_ids
             labels += [-100] * len(enc.input_ids)  # inserted audio is never a target
             audios.append(enc)

@@ -125,6 +125,9 @@ def collate_audio_features(family: str, clips: Sequence[EncodedAudio]) -> dict[s
 class EncodedPrompt:
     input_ids: list[int]
     audios: list[EncodedAudio]
+    # 1 on tokens of model-written text in the continued assistant turn, 0 elsewhere (prompt, inserted
+    # audio placeholders, runtime text, notes): the SFT/GRPO loss mask of design §6.
+    loss_mask: list[int]
 
 
 def _hf_content(msg: Message) -> list[dict[str, Any]]:
@@ -181,6 +184,89 @@ def parse_tool_calls(text: str, first_index: int = 0) -> list[ToolCall]:
     return calls
 
 
+class PromptEncoder:
+    """Builds model inputs from a conversation, piece by piece, with the model's real processor.
+
+    Shared by the backend (generation) and the trainers (SFT, GRPO), so training sees exactly the
+    token layout that inference produces. Audio features are cached per (clip hash, span)."""
+
+    def __init__(self, processor: Any, feature_cache_size: int = 256) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family: AudioFamily = processor_family(processor)
+        self.sample_rate = int(processor.feature_extractor.sampling_rate)
+        self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
+        self._cache_size = feature_cache_size
+
+    def encode_audio_part(self, part: AudioPart, audio: AudioResolver) -> EncodedAudio:
+        key = (audio.ref(part).sha256, part["start"], part["end"])
+        hit = self._features.get(key)
+        if hit is not None:
+            self._features.move_to_end(key)
+            return hit
+        enc = encode_audio_placeholder(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
+        self._features[key] = enc
+        if len(self._features) > self._cache_size:
+            self._features.popitem(last=False)
+        return enc
+
+    def encode_text(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def encode(self, request: GenerationRequest, audio: AudioResolver) -> EncodedPrompt:
+        messages = list(request.messages)
+        partial: Message | None = None
+        if request.continue_final:
+            if not messages or messages[-1]["role"] != "assistant":
+                raise BackendError("continue_final needs a final assistant message")
+            partial = messages.pop()
+        hf = _hf_messages(messages)
+        if request.tools:
+            hf.insert(
+                0,
+                {"role": "system", "content": [{"type": "text", "text": _tools_system_text(request.tools)}]},
+            )
+        rendered = self.processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=False)
+        if isinstance(rendered, list):
+            rendered = rendered[0]
+        history_audio = [p for m in messages for p in m["content"] if p["type"] == "audio"]
+        pieces = rendered.split(AUDIO_PLACEHOLDER)
+        if len(pieces) - 1 != len(history_audio):
+            raise BackendError(
+                f"chat template rendered {len(pieces) - 1} audio placeholders for {len(history_audio)} audio parts"
+            )
+        ids: list[int] = []
+        mask: list[int] = []
+        audios: list[EncodedAudio] = []
+
+        def add(new: list[int], trainable: bool = False) -> None:
+            ids.extend(new)
+            mask.extend([int(trainable)] * len(new))
+
+        for i, piece in enumerate(pieces):
+            add(self.encode_text(piece))
+            if i < len(history_audio):
+                enc = self.encode_audio_part(history_audio[i], audio)
+                add(enc.input_ids)
+                audios.append(enc)
+        if partial is not None:
+            for part in partial["content"]:
+                if part["type"] == "audio":
+                    enc = self.encode_audio_part(part, audio)
+                    add(enc.input_ids)
+                    audios.append(enc)
+                elif part["origin"] == "model":
+                    # Exactly what was sampled when known (token-in/token-out), else the text's tokens.
+                    add(part["token_ids"] if "token_ids" in part else self.encode_text(part["text"]), trainable=True)
+                else:
+                    add(self.encode_text(part["text"]))
+        return EncodedPrompt(input_ids=ids, audios=audios, loss_mask=mask)
+
+    def collate(self, audios: Sequence[EncodedAudio]) -> dict[str, torch.Tensor]:
+        return collate_audio_features(self.family, audios)
+
+
 class _DeltaStreamer:
     """A transformers streamer that forwards decoded text to the event loop in small batches.
 
@@ -231,11 +317,10 @@ class TransformersBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.family: AudioFamily = processor_family(processor)
+        self.encoder = PromptEncoder(processor, feature_cache_size)
+        self.family: AudioFamily = self.encoder.family
         self._name = name or str(getattr(model.config, "name_or_path", "") or model.config.model_type)
         self._lock = threading.Lock()
-        self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
-        self._cache_size = feature_cache_size
         self.last_prompt: EncodedPrompt | None = None  # the most recent prompt, for inspection and tests
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -272,63 +357,11 @@ class TransformersBackend:
 
     # ---- prompt construction -----------------------------------------------------------------
 
-    def _encode_audio_part(self, part: AudioPart, audio: AudioResolver) -> EncodedAudio:
-        key = (audio.ref(part).sha256, part["start"], part["end"])
-        hit = self._features.get(key)
-        if hit is not None:
-            self._features.move_to_end(key)
-            return hit
-        enc = encode_audio_placeholder(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
-        self._features[key] = enc
-        if len(self._features) > self._cache_size:
-            self._features.popitem(last=False)
-        return enc
+    def encode(self, request: GenerationRequest, audio: AudioResolver) -> EncodedPrompt:
+        return self.encoder.encode(request, audio)
 
     def _encode_text(self, text: str) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def encode(self, request: GenerationRequest, audio: AudioResolver) -> EncodedPrompt:
-        messages = list(request.messages)
-        partial: Message | None = None
-        if request.continue_final:
-            if not messages or messages[-1]["role"] != "assistant":
-                raise BackendError("continue_final needs a final assistant message")
-            partial = messages.pop()
-        hf = _hf_messages(messages)
-        if request.tools:
-            hf.insert(
-                0,
-                {"role": "system", "content": [{"type": "text", "text": _tools_system_text(request.tools)}]},
-            )
-        rendered = self.processor.apply_chat_template(hf, add_generation_prompt=True, tokenize=False)
-        if isinstance(rendered, list):
-            rendered = rendered[0]
-        history_audio = [p for m in messages for p in m["content"] if p["type"] == "audio"]
-        pieces = rendered.split(AUDIO_PLACEHOLDER)
-        if len(pieces) - 1 != len(history_audio):
-            raise BackendError(
-                f"chat template rendered {len(pieces) - 1} audio placeholders for {len(history_audio)} audio parts"
-            )
-        ids: list[int] = []
-        audios: list[EncodedAudio] = []
-        for i, piece in enumerate(pieces):
-            ids += self._encode_text(piece)
-            if i < len(history_audio):
-                enc = self._encode_audio_part(history_audio[i], audio)
-                ids += enc.input_ids
-                audios.append(enc)
-        if partial is not None:
-            for part in partial["content"]:
-                if part["type"] == "audio":
-                    enc = self._encode_audio_part(part, audio)
-                    ids += enc.input_ids
-                    audios.append(enc)
-                elif part["origin"] == "model" and "token_ids" in part:
-                    ids += part["token_ids"]  # exactly what was sampled
-                else:
-                    ids += self._encode_text(part["text"])
-        return EncodedPrompt(input_ids=ids, audios=audios)
+        return self.encoder.encode_text(text)
 
     # ---- generation -------------------------------------------------------------------------
 
