@@ -54,7 +54,7 @@ class EchoTinyFeatureExtractor:
             self._mel = torchaudio.transforms.MelSpectrogram(
                 sample_rate=self.sampling_rate, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels
             )
-        x = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        x = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: store arrays are read-only
         with torch.no_grad():
             mel = self._mel(x)  # (n_mels, frames)
         return (torch.log10(mel.clamp(min=1e-8)) + 4.0) / 4.0
