@@ -3,8 +3,30 @@
 Each item is an MMAU record (`id, audio_id, question, choices, answer, task, category, sub-category, ...`)
 plus what training needs: the clip's full event list, gold evidence spans and a gold reasoning trace in the
 seg-tag format, e.g.
-``<think>I need the beeps between 3.0 and 7.5 s, so I listen to <seg>3.0, 7.5</seg> there are three beeps
-in it. So the answer is 3.</think><answer>3</answer>``.
+``<think>I count the beeps in the window. I listen to 3.0-7.5 s: <seg>3.0, 7.5</seg> there are 3 beeps.</think>``
+``<answer>3</answer>``.
+
+The traces are made to be learnable by a small model: every span inside ``<seg>`` is computable from the
+question text or from a fixed scanning rule, never from event times the model could only regress from audio,
+and the text after each ``</seg>`` is a short templated observation (a space, then a lowercase word, no event
+times) decided by what the inserted slice holds. Each listen is preceded by ``I listen to A-B s: ``.
+
+- ``count``: one listen to the question's window; `` there are N beeps.`` / `` there is 1 beep.``
+- ``identify``: one listen to T±0.5 s around the question's time T; `` it is a chirp.``
+- ``pitch``: listens to T1±0.5 and T2±0.5 s; `` this beep is high|mid|low.`` each, then
+  ``High is higher than low, so the answer is higher.``
+- ``locate``: listens to the choices' ranges in their listed order, `` no chord here.`` after each until
+  `` the chord is here.`` (1–4 listens; the answer's position is balanced).
+- ``order`` and ``duration``: scan the clip in 10 s windows from 0 s (``0.0, 10.0``, ``10.0, 20.0``, ...;
+  the last window may end past the clip, which the runtime clamps) until the first window holding the
+  target: `` neither is here.`` then `` the click is here.`` or `` both are here, the click comes first.``;
+  `` no chord here.`` then `` the chord is here; it lasts about 1.0 s.`` The events these scans look for
+  lie inside one window (≥ 0.2 s from its ends), never across a multiple of 10 s, and within the first 70 s,
+  so a scan takes at most 7 listens (6 on the default ≤ 60 s clips).
+
+`evidence` holds the listened spans that decide the answer: the count window, the identify/pitch windows,
+the locate range holding the event, the order/duration window that holds the deciding event(s) (clamped to
+the clip).
 
 Events (names used verbatim in questions and choices):
 
@@ -86,17 +108,9 @@ _GAP = int(0.3 * _SR)  # minimum silence between events
 _EDGE = int(0.2 * _SR)  # minimum distance of an event from the clip's edges
 _FADE = int(0.005 * _SR)
 _PEAK = 0.9
-_NUM_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
-_DESCRIPTIONS = {
-    "beep": ("a steady pure tone, so a beep", "a single clean tone that holds its pitch: a beep"),
-    "chirp": ("a tone that sweeps in pitch, so a chirp", "a tone sliding from one pitch to another: a chirp"),
-    "noise burst": (
-        "a short hiss of broadband noise, so a noise burst",
-        "a rush of noise with no pitch: a noise burst",
-    ),
-    "click": ("a quick series of sharp clicks", "sharp, very short clicks: a click"),
-    "chord": ("several tones sounding together, so a chord", "three tones held together: a chord"),
-}
+_WINDOW = 10.0  # `order` and `duration` traces scan the clip in windows of this many seconds from 0 s
+_WINDOW_MARGIN = 0.2  # the events those scans look for lie this far inside one window, never across two
+_MAX_SCAN = 7  # ... and in the first 7 windows, so a scan fits the runtime's 7 re-listens on any clip length
 
 Waveform = npt.NDArray[np.float32]
 _F64 = npt.NDArray[np.float64]
@@ -289,11 +303,6 @@ def _place_choices(rng: np.random.Generator, answer: str, others: Sequence[str],
     return [*rest[:position], answer, *rest[position:]]
 
 
-def _one(rng: np.random.Generator, *options: str) -> str:
-    """One of the phrasings, chosen by `rng`."""
-    return options[int(rng.integers(len(options)))]
-
-
 def _t(x: float) -> str:
     return f"{x:.1f}"
 
@@ -302,15 +311,47 @@ def _seg(a: float, b: float) -> str:
     return f"<seg>{a:.1f}, {b:.1f}</seg>"
 
 
-def _and_list(words: Sequence[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+def _range_text(a: float, b: float) -> str:
+    return f"{a:.1f}-{b:.1f} s"
 
 
-def _padded(ev: _Event, n: int) -> tuple[float, float]:
-    """A tight listen window around an event: 0.3 s of padding, widened to the 0.1 s grid, clamped."""
-    a = math.floor(round((ev.onset - 0.3) * 10, 6)) / 10
-    b = math.ceil(round((ev.offset + 0.3) * 10, 6)) / 10
-    return max(0.0, a), min(n / _SR, b)
+def _listen(a: float, b: float) -> str:
+    """The one rationale before every listen, then the listen: ``I listen to 3.0-7.5 s: <seg>3.0, 7.5</seg>``."""
+    return f"I listen to {_range_text(a, b)}: {_seg(a, b)}"
+
+
+def _trace(lead: str, steps: Sequence[tuple[float, float, str]], answer: str, close: str = "") -> str:
+    """``<think>LEAD I listen to A-B s: <seg>A, B</seg> OBS. ...CLOSE</think><answer>ANSWER</answer>``."""
+    body = " ".join(f"{_listen(a, b)}{obs}" for a, b, obs in steps)
+    return f"<think>{lead} {body}{close}</think><answer>{answer}</answer>"
+
+
+def _window_regions(n: int) -> list[tuple[int, int]]:
+    """Sample ranges in which an event lies inside one scan window, ≥ `_WINDOW_MARGIN` from its ends."""
+    regions: list[tuple[int, int]] = []
+    k = 0
+    while k * _WINDOW < n / _SR and k < _MAX_SCAN:
+        regions.append((round((k * _WINDOW + _WINDOW_MARGIN) * _SR), round(((k + 1) * _WINDOW - _WINDOW_MARGIN) * _SR)))
+        k += 1
+    return regions
+
+
+def _in_one_window(start: int, length: int) -> bool:
+    """Whether samples [start, start + length) lie inside one scan window, ≥ `_WINDOW_MARGIN` from its ends."""
+    w, m = round(_WINDOW * _SR), round(_WINDOW_MARGIN * _SR)
+    k = start // w
+    return k < _MAX_SCAN and k * w + m <= start and start + length <= (k + 1) * w - m
+
+
+def _window_of(ev: _Event) -> int:
+    return ev.start // round(_WINDOW * _SR)
+
+
+def _scan(n: int, last: int, found: str, missing: str) -> tuple[list[tuple[float, float, str]], list[list[float]]]:
+    """Listens to the scan windows 0..`last` (`missing` after each but the last, `found` after it) and the
+    evidence: the last window, clamped to the clip (the trace keeps the unclamped end; the runtime clamps)."""
+    steps = [(k * _WINDOW, (k + 1) * _WINDOW, missing if k < last else found) for k in range(last + 1)]
+    return steps, [[last * _WINDOW, min((last + 1) * _WINDOW, n / _SR)]]
 
 
 def _tenths(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -375,22 +416,8 @@ def _build_count(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     others = [others[i] for i in sorted(rng.choice(4, 3, replace=False))]
     choices = _place_choices(rng, answer, others, pos)
     question = f"How many beeps are there between {_t(a)} and {_t(b)} seconds?"
-    inside = sorted(
-        (e for e in tl.events if e.end > round(a * _SR) and e.start < round(b * _SR)), key=lambda e: e.start
-    )
-    extra_kinds = list(dict.fromkeys(e.kind for e in inside if e.kind != "beep"))
-    extra = f", plus {_and_list([f'a {k}' for k in extra_kinds])} that I do not count" if extra_kinds else ""
-    times = _and_list([_t(e.onset) for e in inside if e.kind == "beep"])
-    beeps_text = "there is one beep" if n_in == 1 else f"there are {_NUM_WORDS[n_in]} beeps"
-    lead = _one(
-        rng,
-        f"I need the beeps between {_t(a)} and {_t(b)} s, so I listen to that span: ",
-        f"Only {_t(a)} to {_t(b)} s matters here, so I listen to it: ",
-        "To count the beeps in the window, I listen to ",
-    )
-    observe = _one(rng, f" {beeps_text} in it{extra}.", f" {beeps_text}, at about {times} s{extra}.")
-    close = _one(rng, f" So the answer is {answer}.", f" That makes {_NUM_WORDS[n_in]}.")
-    trace = f"<think>{lead}{_seg(a, b)}{observe}{close}</think><answer>{answer}</answer>"
+    observe = " there is 1 beep." if n_in == 1 else f" there are {n_in} beeps."
+    trace = _trace("I count the beeps in the window.", [(a, b, observe)], answer)
     return question, choices, answer, [[a, b]], trace
 
 
@@ -400,45 +427,30 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     x, y = KINDS[int(i)], KINDS[int(j)]
     ex, ey = _new_event(rng, x), _new_event(rng, y)
     first, second = (ex, ey) if x_first else (ey, ex)
-    for _ in range(100):  # two uniform onsets in the right order
-        s1, s2 = np.sort(rng.integers(_EDGE, tl.n - _EDGE, 2))
-        if s1 + first.length + _GAP <= s2 and tl.fits(int(s2), second.length) and tl.fits(int(s1), first.length):
-            tl.put(first, int(s1))
-            tl.put(second, int(s2))
+    for _ in range(1000):  # two uniform onsets in the right order, each event inside one scan window
+        s1, s2 = (int(s) for s in np.sort(rng.integers(_EDGE, tl.n - _EDGE, 2)))
+        if (
+            s1 + first.length + _GAP <= s2
+            and tl.fits(s2, second.length)
+            and tl.fits(s1, first.length)
+            and _in_one_window(s1, first.length)
+            and (_in_one_window(s2, second.length) or s2 >= _MAX_SCAN * _WINDOW * _SR)
+        ):
+            tl.put(first, s1)
+            tl.put(second, s2)
             break
-    else:  # pragma: no cover - 100 misses on an empty clip of ≥ 10 s do not happen
+    else:  # pragma: no cover - 1000 misses on an empty clip of ≥ 10 s do not happen
         tl.put(first, _EDGE)
-        tl.place(rng, second, [(first.end + _GAP, tl.n)])
+        tl.place(rng, second, [(max(lo, first.end + _GAP), hi) for lo, hi in _window_regions(tl.n)])
     tl.fill(rng, [k for k in KINDS if k not in (x, y)], rate)
 
     answer = first.kind
     choices = _place_choices(rng, answer, [second.kind], pos)
     question = f"Which is heard first, the {x} or the {y}?"
-    lead = _one(
-        rng,
-        f"I need to know whether the {x} or the {y} comes first, so I find each. ",
-        f"To compare when the {x} and the {y} happen, I locate both. ",
-    )
-    parts = [lead]
-    for k, ev in enumerate((ex, ey)):
-        parts.append(_one(rng, f"Listening for the {ev.kind}: ", f"{('First', 'Now')[k]} the {ev.kind}: "))
-        parts.append(_seg(*_padded(ev, tl.n)))
-        parts.append(
-            _one(
-                rng,
-                f" the {ev.kind} is here, starting at about {_t(ev.onset)} s. ",
-                f" here it is, at about {_t(ev.onset)} s. ",
-            )
-        )
-    parts.append(
-        _one(
-            rng,
-            f"The {answer} comes earlier, so it is heard first.",
-            f"So the {answer} is heard first, before the {second.kind}.",
-        )
-    )
-    trace = f"<think>{''.join(parts)}</think><answer>{answer}</answer>"
-    evidence = [[round(ev.onset, 3), round(ev.offset, 3)] for ev in (ex, ey)]
+    last = _window_of(first)
+    found = f" both are here, the {answer} comes first." if _window_of(second) == last else f" the {answer} is here."
+    steps, evidence = _scan(tl.n, last, found, " neither is here.")
+    trace = _trace("I scan the clip in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
 
@@ -455,16 +467,7 @@ def _build_identify(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     others = [others[i] for i in sorted(rng.choice(4, 3, replace=False))]
     choices = _place_choices(rng, kind, others, pos)
     question = f"Which sound is heard at {_t(t)} seconds?"
-    lead = _one(
-        rng,
-        f"The question is about {_t(t)} s, so I listen to the second around it: ",
-        f"I listen closely to the moment at {_t(t)} s: ",
-    )
-    desc = _one(rng, *_DESCRIPTIONS[kind])
-    if kind == "click" and ev.params["n_clicks"] == 1:
-        desc = "a single sharp click"
-    close = _one(rng, f" So the sound at {_t(t)} s is the {kind}.", f" The answer is the {kind}.")
-    trace = f"<think>{lead}{_seg(a, b)} it is {desc}.{close}</think><answer>{kind}</answer>"
+    trace = _trace(f"I check the sound at {_t(t)} s.", [(a, b, f" it is a {kind}.")], kind)
     return question, choices, kind, [[a, b]], trace
 
 
@@ -487,24 +490,10 @@ def _build_pitch(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     answer = "higher" if PITCH_WORDS.index(w1) > PITCH_WORDS.index(w2) else "lower"
     choices = _place_choices(rng, answer, ["lower" if answer == "higher" else "higher"], pos)
     question = f"Is the beep at {_t(t1)} seconds higher or lower in pitch than the beep at {_t(t2)} seconds?"
-    lead = _one(
-        rng,
-        f"I compare the beep at {_t(t1)} s with the beep at {_t(t2)} s. First: ",
-        f"I need the pitch of both beeps. I listen around {_t(t1)} s first: ",
-    )
-    v = int(rng.integers(2))
-    obs1 = [f" the first beep has a {w1} pitch.", f" this beep is {w1}-pitched."][v]
-    obs2 = [f" the second beep has a {w2} pitch.", f" this one is {w2}-pitched."][v]
-    mid = _one(rng, f" Then the beep at {_t(t2)} s: ", " Now the second one: ")
-    close = f" A {w1} beep is {answer} than a {w2} one, so the first beep is {answer} in pitch."
-    trace = (
-        f"<think>{lead}{_seg(*windows[0])}{obs1}{mid}{_seg(*windows[1])}{obs2}{close}</think><answer>{answer}</answer>"
-    )
+    steps = [(a, b, f" this beep is {w}.") for (a, b), w in zip(windows, (w1, w2), strict=True)]
+    close = f" {w1.capitalize()} is {answer} than {w2}, so the answer is {answer}."
+    trace = _trace(f"I compare the beeps at {_t(t1)} s and {_t(t2)} s.", steps, answer, close)
     return question, choices, answer, windows, trace
-
-
-def _range_text(a: float, b: float) -> str:
-    return f"{a:.1f}-{b:.1f} s"
 
 
 def _tokens(text: str) -> frozenset[str]:
@@ -538,16 +527,11 @@ def _build_locate(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int 
     answer = _range_text(a, b)
     choices = _place_choices(rng, answer, [_range_text(*r) for k, r in enumerate(ranges) if k != rank], pos)
     question = f"When is the {kind} heard?"
-    lead = _one(
-        rng,
-        f"I need to find when the {kind} sounds. I check {answer}: ",
-        f"The choices are time ranges; I listen to {answer}: ",
-    )
-    observe = _one(
-        rng, f" the {kind} is in it, starting at about {_t(ev.onset)} s.", f" there it is, at about {_t(ev.onset)} s."
-    )
-    trace = f"<think>{lead}{_seg(a, b)}{observe} So the {kind} is heard at {answer}.</think><answer>{answer}</answer>"
-    return question, choices, answer, [[round(ev.onset, 3), round(ev.offset, 3)]], trace
+    # Listen to the choices in the order they are listed, up to the one that holds the event.
+    spans = [(float(c), float(d)) for c, d in (re.findall(r"\d+\.\d", x) for x in choices[: pos + 1])]
+    steps = [(c, d, f" no {kind} here." if k < pos else f" the {kind} is here.") for k, (c, d) in enumerate(spans)]
+    trace = _trace("I check the time ranges in the listed order.", steps, answer)
+    return question, choices, answer, [[a, b]], trace
 
 
 def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int | None, rate: float) -> _Built:
@@ -555,21 +539,16 @@ def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     kind = "chord"
     seconds = min(2.0, max(0.5, value + float(rng.uniform(-0.05, 0.05))))
     ev = _new_event(rng, kind, seconds=seconds)
-    tl.place(rng, ev)
+    tl.place(rng, ev, _window_regions(tl.n))  # inside one scan window, so the scan hears it whole
     tl.fill(rng, [k for k in KINDS if k != kind], rate)
 
     answer = f"{value:.1f} s"
     choices = _place_choices(rng, answer, [f"{v:.1f} s" for v in DURATION_CHOICES if v != value], pos)
     question = f"How long does the {kind} last?"
-    lead = _one(rng, f"To time the {kind}, I listen around it: ", f"I listen to the {kind} from start to end: ")
-    start = round(ev.onset, 1)
-    observe = (
-        f" the {kind} starts at about {_t(start)} s and stops at about {_t(start + value)} s,"
-        f" so it lasts about {value:.1f} s."
-    )
-    close = _one(rng, f" The closest choice is {answer}.", f" So the answer is {answer}.")
-    trace = f"<think>{lead}{_seg(*_padded(ev, tl.n))}{observe}{close}</think><answer>{answer}</answer>"
-    return question, choices, answer, [[round(ev.onset, 3), round(ev.offset, 3)]], trace
+    found = f" the {kind} is here; it lasts about {value:.1f} s."
+    steps, evidence = _scan(tl.n, _window_of(ev), found, f" no {kind} here.")
+    trace = _trace("I scan the clip in 10-second windows.", steps, answer)
+    return question, choices, answer, evidence, trace
 
 
 _BUILDERS: dict[str, Callable[[np.random.Generator, _Timeline, int, int | None, float], _Built]] = {

@@ -42,29 +42,29 @@ class EchoTinyAudioEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
         """features (n, mels, T), feature_mask (n, T) -> (n, audio_tokens, hidden)."""
-        x = F.gelu(self.conv2(F.gelu(self.conv1(features))))  # (n, d, ~T/4)
-        lengths = ((feature_mask.sum(-1) - 1) // 4 + 1).clamp(min=1, max=x.shape[-1])
-        # Long inputs are average-pooled to at most `max_positions` frames: the coarse whole-clip view.
-        rows, times = [], []
-        for i in range(x.shape[0]):
-            n = int(lengths[i])
-            xi = x[i, :, :n]
-            step = 1.0 / FRAME_RATE
-            if n > self.max_positions:
-                xi = F.adaptive_avg_pool1d(xi.unsqueeze(0), self.max_positions).squeeze(0)
-                step = n / FRAME_RATE / self.max_positions
-            m = xi.shape[-1]
-            rows.append(xi.transpose(0, 1))
-            times.append((torch.arange(m, device=x.device, dtype=x.dtype) + 0.5) * step)
-        width = max(r.shape[0] for r in rows)
-        h = x.new_zeros(len(rows), width, x.shape[1])
-        t = x.new_zeros(len(rows), width)
-        pad = torch.ones(len(rows), width, dtype=torch.bool, device=x.device)
-        for i, (r, ti) in enumerate(zip(rows, times, strict=True)):
-            h[i, : r.shape[0]] = r
-            t[i, : r.shape[0]] = ti
-            pad[i, : r.shape[0]] = False
-        h = h + time_embedding(t, h.shape[-1])
+        # Inputs longer than the position budget are average-pooled over time *before* the
+        # convolutions (4 mel frames per encoder frame): the coarse whole-clip view, at a fixed cost.
+        budget = 4 * self.max_positions
+        lengths = feature_mask.sum(-1).clamp(min=1).tolist()
+        rows, steps = [], []
+        for i, n in enumerate(lengths):
+            xi = features[i, :, : int(n)]
+            step = 4 / (FRAME_RATE * 4)  # seconds per encoder frame at full resolution (40 ms)
+            if xi.shape[-1] > budget:
+                step = xi.shape[-1] / (FRAME_RATE * 4) / self.max_positions
+                xi = F.adaptive_avg_pool1d(xi.unsqueeze(0), budget).squeeze(0)
+            rows.append(xi)
+            steps.append(step)
+        width = max(r.shape[-1] for r in rows)
+        x = features.new_zeros(len(rows), features.shape[1], width)
+        for i, r in enumerate(rows):
+            x[i, :, : r.shape[-1]] = r
+        x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)  # (n, frames, d)
+        frames = torch.tensor([(r.shape[-1] - 1) // 4 + 1 for r in rows], device=x.device)
+        index = torch.arange(x.shape[1], device=x.device)
+        pad = index.unsqueeze(0) >= frames.unsqueeze(1)
+        times = (index.unsqueeze(0) + 0.5) * torch.tensor(steps, device=x.device, dtype=x.dtype).unsqueeze(1)
+        h = x + time_embedding(times, x.shape[-1])
         h = self.layers(h, src_key_padding_mask=pad)
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.pool(q, h, h, key_padding_mask=pad, need_weights=False)
