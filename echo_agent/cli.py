@@ -86,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--split", default="test", help="split name, used in the file name and ids")
     synth.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
     synth.add_argument("--max-duration", type=float, default=60.0, help="longest clip in seconds (clips run 10 s up)")
+
+    train = sub.add_parser("train", help="train the model")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    sft = train_sub.add_parser("sft", help="supervised fine-tuning on seg-tag traces (stage 1)")
+    sft.add_argument("--train", required=True, help="training data (MMAU JSON with gold `trace`s)")
+    sft.add_argument("--val", default=None, help="validation data, scored by the real agent graph")
+    sft.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
+    sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
+    sft.add_argument("--audio-mode", choices=["interleaved", "cold_start"], default="interleaved")
+    sft.add_argument("--config", default=None, help="JSON file of further SFTConfig fields")
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
+        sft.add_argument(f"--{name}", type=kind, default=None)
+    sft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
     return parser
 
 
@@ -313,6 +326,29 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_sft(args: argparse.Namespace) -> int:
+    from .training.sft import SFTConfig, train
+
+    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    fields.update(train=args.train, out=args.out, init=args.init, audio_mode=args.audio_mode)
+    for name in ("steps", "batch_size", "lr", "eval_every", "seed"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.val:
+        fields["val"] = args.val
+    if args.lora:
+        fields["lora"] = True
+    try:
+        cfg = SFTConfig.model_validate(fields)
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    for path in (cfg.train, cfg.val):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such data file: {path}")
+    print(train(cfg))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -324,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_eval(args))
         if args.command == "data" and args.data_command == "synth":
             return _data_synth(args)
+        if args.command == "train" and args.train_command == "sft":
+            return _train_sft(args)
     except EchoError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
