@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -145,15 +146,25 @@ def collate(examples: Sequence[Example], encoder: PromptEncoder, pad_id: int) ->
 
 
 def batches(
-    items: list[dict[str, Any]], encoder: PromptEncoder, mode: AudioMode, batch_size: int, seed: int, pad_id: int
+    items: list[dict[str, Any]],
+    encoder: PromptEncoder,
+    mode: AudioMode,
+    batch_size: int,
+    seed: int,
+    pad_id: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """Endless shuffled batches (epoch after epoch); yields (batch, trained-on token count)."""
+    """Endless shuffled batches (epoch after epoch); yields (batch, token count). Under several
+    processes (`accelerate launch`) every rank shuffles alike and takes every `world`-th batch."""
+    if not 0 < batch_size * world <= len(items):  # else the loop below would spin forever without yielding
+        raise ValueError(f"batch_size {batch_size} x {world} process(es) needs as many items; got {len(items)}")
     store = AudioStore(max_cached=4 * batch_size)
     rng = random.Random(seed)
     while True:
         order = list(range(len(items)))
         rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for start in range(rank * batch_size, len(order) - batch_size + 1, world * batch_size):
             exs = [encode_example(items[j], encoder, store, mode) for j in order[start : start + batch_size]]
             yield collate(exs, encoder, pad_id), sum(len(e.input_ids) for e in exs)
 
@@ -256,8 +267,11 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
     items = load_items(cfg.train)[: cfg.max_examples]
     val_items = load_items(cfg.val)[: cfg.eval_items] if cfg.val else []
     ckpt = cfg.out / "checkpoint"
+    old = ckpt.with_name("checkpoint.old")
+    if not ckpt.exists() and (old / "trainer_state.pt").is_file():  # killed between the two renames
+        old.rename(ckpt)
     resume = (ckpt / "trainer_state.pt").is_file()
-    if resume:
+    if resume and not cfg.lora:  # a LoRA checkpoint holds the adapter only: rebuild the base below
         from ..backends.transformers import TransformersBackend
 
         backend = TransformersBackend.from_pretrained(ckpt)
@@ -273,6 +287,11 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  target_modules=cfg.lora_targets))  # fmt: skip
+        if resume:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -287,7 +306,10 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
     (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
     encoder = PromptEncoder(processor)
     pad_id = processor.tokenizer.pad_token_id
-    data = batches(items, encoder, cfg.audio_mode, cfg.batch_size, cfg.seed + step, pad_id)
+    data = batches(
+        items, encoder, cfg.audio_mode, cfg.batch_size, cfg.seed + step, pad_id,
+        accelerator.process_index, accelerator.num_processes,
+    )  # fmt: skip
     log = (cfg.out / "log.jsonl").open("a")
     tokens, t0, losses = 0, time.perf_counter(), []
 
@@ -295,16 +317,19 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         if not accelerator.is_main_process:
             return
         tmp = where.with_name(where.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale half-save from a crash must not leak into this one
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "python_rng": random.getstate(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")  # fmt: skip
+        # Swap in two renames; a kill at any point leaves a complete checkpoint at `where` or `where.old`.
+        old = where.with_name(where.name + ".old")
         if where.exists():
-            import shutil
-
-            shutil.rmtree(where)
-        tmp.rename(where)  # a kill mid-save leaves the previous checkpoint intact
+            shutil.rmtree(old, ignore_errors=True)
+            where.rename(old)
+        tmp.rename(where)
+        shutil.rmtree(old, ignore_errors=True)
 
     while step < cfg.steps:
         batch, n_tokens = next(data)
@@ -341,11 +366,10 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         if cfg.lora:
             unwrapped = unwrapped.merge_and_unload()
         tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         tmp.rename(final)
     log.close()
