@@ -31,6 +31,8 @@ from .verifier import Verdict
 AudioInput = str | os.PathLike[str] | AudioRef
 DEFAULT_MODEL = "tiny-random-qwen2-audio"
 TINY_MODELS = ("tiny-random-qwen2-audio", "tiny-random-qwen2.5-omni")
+# The shipped echo-tiny weights (package data), loadable by name.
+ECHO_TINY_DIR = Path(__file__).parent / "assets" / "echo-tiny"
 
 
 class Result(BaseModel):
@@ -61,7 +63,7 @@ class Result(BaseModel):
 def load_backend(model: str | None = None) -> ModelBackend:
     """A backend by name: a tiny random built-in model, or a local transformers model directory."""
     name = model or DEFAULT_MODEL
-    path = Path(name)
+    path = ECHO_TINY_DIR if name == "echo-tiny" else Path(name)
     if name not in TINY_MODELS and not path.exists():  # fail before the slow transformers import
         raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")
 
@@ -75,7 +77,7 @@ def load_backend(model: str | None = None) -> ModelBackend:
         from .tiny_models import build_tiny_qwen2_5_omni_thinker
 
         return TransformersBackend(*build_tiny_qwen2_5_omni_thinker(seed=0), name=name)
-    return TransformersBackend.from_pretrained(path)
+    return TransformersBackend.from_pretrained(path, name=name if name == "echo-tiny" else None)
 
 
 class EchoAgent:

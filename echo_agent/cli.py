@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--split", default="test", help="split name, used in the file name and ids")
     synth.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
     synth.add_argument("--max-duration", type=float, default=60.0, help="longest clip in seconds (clips run 10 s up)")
+    synth.add_argument("--snr", type=float, nargs=2, default=[5.0, 20.0], metavar=("MIN", "MAX"),
+                       help="background-noise SNR range in dB (default: 5 20)")  # fmt: skip
 
     train = sub.add_parser("train", help="train the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
@@ -321,7 +323,10 @@ def _data_synth(args: argparse.Namespace) -> int:
 
     # The progress bar goes to stderr, so stdout holds only the JSON path.
     with contextlib.redirect_stdout(sys.stderr):
-        path = synth_command(out, args.n, args.seed, args.split, args.workers, durations=(10.0, args.max_duration))
+        path = synth_command(
+            out, args.n, args.seed, args.split, args.workers, durations=(10.0, args.max_duration),
+            snr_range=(min(args.snr), max(args.snr)),
+        )  # fmt: skip
     print(path)
     return 0
 

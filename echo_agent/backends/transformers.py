@@ -337,7 +337,7 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu"
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", name: str | None = None
     ) -> TransformersBackend:
         """Load a local model directory (nothing is downloaded)."""
         from transformers import AutoConfig, AutoProcessor
@@ -353,7 +353,7 @@ class TransformersBackend:
         model_cls = families.model_class(config)
         model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        return cls(model, processor, name=path.name)
+        return cls(model, processor, name=name or path.name)
 
     # ---- prompt construction -----------------------------------------------------------------
 
