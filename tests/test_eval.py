@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doubles import ScriptedBackend
 
 from echo_agent.agent import EchoAgent, load_backend
-from echo_agent.backends.base import AudioResolver, DeltaCallback, Generation, GenerationRequest, ModelBackend
+from echo_agent.backends.base import Generation, GenerationRequest, ModelBackend
 from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.errors import ConfigError, EchoError
 from echo_agent.messages import message_text
@@ -102,7 +103,7 @@ def official_mmau_style_score(predictions: list[dict[str, Any]]) -> dict[str, An
 # ------------------------------------------------------------------------------------------- test double
 
 
-class ScriptedBackend:
+class QuestionScript(ScriptedBackend):
     """TEST DOUBLE (not a model): answers each question from a script keyed by the question it sees.
 
     Implements the `ModelBackend` protocol. `script` maps an item id to one of
@@ -110,18 +111,14 @@ class ScriptedBackend:
     item's question and choices in the user text of the request.
     """
 
-    def __init__(self, items: Sequence[BenchItem], script: dict[str, str]) -> None:
+    def __init__(self, items: Sequence[BenchItem], plan: dict[str, str]) -> None:
+        super().__init__()
         self.items = list(items)
-        self.script = script
-        self.calls = 0
+        self.plan = plan
 
     @property
-    def name(self) -> str:
-        return "scripted"
-
-    @property
-    def sample_rate(self) -> int:
-        return 16000
+    def calls(self) -> int:
+        return len(self.requests)
 
     def _item(self, request: GenerationRequest) -> BenchItem:
         text = " ".join(message_text(m) for m in request.messages if m["role"] == "user")
@@ -129,12 +126,9 @@ class ScriptedBackend:
         assert len(found) == 1, f"the test double cannot tell which item this is: {text!r}"
         return found[0]
 
-    async def generate(
-        self, request: GenerationRequest, audio: AudioResolver, on_delta: DeltaCallback | None = None
-    ) -> Generation:
-        self.calls += 1
+    def respond(self, request: GenerationRequest) -> Generation:
         item = self._item(request)
-        how = self.script[item.id]
+        how = self.plan[item.id]
         wrong = next(c for c in item.choices if c != item.answer)
         n_audio = sum(1 for m in request.messages for p in m["content"] if p["type"] == "audio")
         if how == "listen_gold" and n_audio == 1:  # first call: ask to re-listen to the first two seconds
@@ -152,13 +146,11 @@ class ScriptedBackend:
             "junk": "banana",
         }.get(how)
         text = "<think>x</think>" + (f"<answer>{answer}</answer>" if answer is not None else "")
-        if on_delta is not None:
-            on_delta(text)
         return Generation(text=text, finish_reason="eos")
 
 
 def test_scripted_backend_is_a_model_backend() -> None:
-    assert isinstance(ScriptedBackend([], {}), ModelBackend)
+    assert isinstance(QuestionScript([], {}), ModelBackend)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -260,7 +252,7 @@ def test_load_real_mmau_metadata() -> None:
 @pytest.mark.skipif(not MMAU.exists(), reason="MMAU test-mini metadata not present")
 async def test_real_mmau_without_audio_gives_per_item_errors(tmp_path: Path) -> None:
     items = load_benchmark(MMAU)
-    agent = EchoAgent(ScriptedBackend(items, dict.fromkeys((i.id for i in items), "gold")))
+    agent = EchoAgent(QuestionScript(items, dict.fromkeys((i.id for i in items), "gold")))
     report = await evaluate(agent, items, out=tmp_path / "R.json", limit=3, progress=False)
     assert (report.n, report.errors, report.micro_accuracy) == (3, 3, 0.0)
     assert all("AudioNotFoundError" in f["error"] for f in report.failed)
@@ -435,7 +427,7 @@ CORRECT = {"gold", "gold_cased", "listen_gold"}
 @pytest.mark.parametrize("concurrency", [1, 4])
 async def test_exact_scores_agree_with_the_official_scorer(suite14: Path, tmp_path: Path, concurrency: int) -> None:
     items = load_benchmark(suite14)
-    backend = ScriptedBackend(items, {items[k].id: how for k, how in PLAN.items()})
+    backend = QuestionScript(items, {items[k].id: how for k, how in PLAN.items()})
     out = tmp_path / "R.json"
     report = await evaluate(EchoAgent(backend), items, out=out, concurrency=concurrency, progress=False)
 
@@ -478,7 +470,7 @@ async def test_mmar_predictions_and_official_scorer(suite14: Path, tmp_path: Pat
             mmar |= {"audio_path": str(suite14.parent / r["audio_id"]), "modality": modality[k % 4]}
             f.write(json.dumps(mmar) + "\n")
     items = load_benchmark(data)
-    backend = ScriptedBackend(items, {items[k].id: how for k, how in PLAN.items()})
+    backend = QuestionScript(items, {items[k].id: how for k, how in PLAN.items()})
     out = tmp_path / "R.json"
     report = await evaluate(EchoAgent(backend), items, out=out, concurrency=2, progress=False)
 
@@ -498,7 +490,7 @@ async def test_mmar_predictions_and_official_scorer(suite14: Path, tmp_path: Pat
 async def test_without_out_nothing_is_written(suite14: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     items = load_benchmark(suite14)
-    backend = ScriptedBackend(items, dict.fromkeys((i.id for i in items), "gold"))
+    backend = QuestionScript(items, dict.fromkeys((i.id for i in items), "gold"))
     report = await evaluate(EchoAgent(backend), items, out=None, limit=4, progress=False)
     assert (report.n, report.micro_accuracy, report.macro_accuracy, report.predictions) == (4, 1.0, 1.0, None)
     assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,8 @@
 """Graph control flow: caps, retries, the function-call protocol, subgraph use, checkpoint size.
 
-`ScriptedBackend` below is a TEST DOUBLE, labelled as such: it replays fixed model outputs. It is
-used only for faults a real tiny model cannot be made to produce on demand (a model that never
-stops asking to listen, a malformed answer followed by a good one, a precise tool-call sequence).
+`ScriptedBackend` (tests/doubles.py) is a TEST DOUBLE, labelled as such: it replays fixed model
+outputs, for faults a real tiny model cannot be made to produce on demand (a model that never stops
+asking to listen, a malformed answer followed by a good one, a precise tool-call sequence).
 Everything that concerns real audio reaching a real model is in test_graph_e2e.py.
 """
 
@@ -13,44 +13,14 @@ from pathlib import Path
 
 import pytest
 from conftest import write_beeps
+from doubles import ScriptedBackend
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from echo_agent.agent import EchoAgent, load_backend
 from echo_agent.audio import AudioStore
-from echo_agent.backends.base import AudioResolver, DeltaCallback, Generation, GenerationRequest
+from echo_agent.backends.base import Generation
 from echo_agent.config import AgentConfig, ListenLimits, SamplingParams
 from echo_agent.graphs import build_echo_graph, new_question
-
-
-class ScriptedBackend:
-    """TEST DOUBLE: returns `script[i]` on the i-th call (the last one forever after)."""
-
-    def __init__(self, script: list[Generation]) -> None:
-        self.script = script
-        self.requests: list[GenerationRequest] = []
-        self.audio_seen: list[list[tuple[str, float | None, float | None]]] = []
-
-    @property
-    def name(self) -> str:
-        return "scripted"
-
-    @property
-    def sample_rate(self) -> int:
-        return 16000
-
-    async def generate(
-        self, request: GenerationRequest, audio: AudioResolver, on_delta: DeltaCallback | None = None
-    ) -> Generation:
-        self.requests.append(request)
-        parts = [p for m in request.messages for p in m["content"] if p["type"] == "audio"]
-        # Hydrate every audio part, as a real backend must, so bad references would fail here.
-        for p in parts:
-            assert audio.samples(p, self.sample_rate).size > 0
-        self.audio_seen.append([(p["clip"], p["start"], p["end"]) for p in parts])
-        gen = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
-        if on_delta is not None:
-            on_delta(gen.text)
-        return gen
 
 
 def seg(text: str) -> Generation:

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 import torch
+from doubles import ScriptedBackend
 
 from echo_agent.agent import EchoAgent
 from echo_agent.audio import AudioStore
-from echo_agent.backends.base import AudioResolver, DeltaCallback, Generation, GenerationRequest
+from echo_agent.backends.base import AudioResolver, Generation, GenerationRequest
 from echo_agent.backends.transformers import PromptEncoder, TransformersBackend, encode_audio_placeholder
 from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.messages import Message, audio_part
@@ -137,31 +138,19 @@ def test_loss_mask_covers_only_the_trace(suite: Path, family: str) -> None:
 # ---- 2. inserted audio == what the runtime's ListenTool produces ------------------------------------
 
 
-class ScriptedBackend:
+class TraceReplay(ScriptedBackend):
     """TEST DOUBLE: replays a gold trace piece by piece, stopping after each `</seg>` as a real backend
     would (stop string kept in the text, as `TransformersBackend` does); records each request."""
 
     def __init__(self, trace: str) -> None:
         pieces = trace.split(SEG_CLOSE)
-        self.script = [
-            Generation(text=p + SEG_CLOSE, finish_reason="stop", stop_string=SEG_CLOSE, stop_string_in_text=True)
-            for p in pieces[:-1]
-        ] + [Generation(text=pieces[-1], finish_reason="eos")]
-        self.requests: list[GenerationRequest] = []
-
-    @property
-    def name(self) -> str:
-        return "scripted"
-
-    @property
-    def sample_rate(self) -> int:
-        return 16000
-
-    async def generate(
-        self, request: GenerationRequest, audio: AudioResolver, on_delta: DeltaCallback | None = None
-    ) -> Generation:
-        self.requests.append(request)
-        return self.script[min(len(self.requests) - 1, len(self.script) - 1)]
+        super().__init__(
+            [
+                Generation(text=p + SEG_CLOSE, finish_reason="stop", stop_string=SEG_CLOSE, stop_string_in_text=True)
+                for p in pieces[:-1]
+            ]
+            + [Generation(text=pieces[-1], finish_reason="eos")]
+        )
 
 
 def spans(message: Message) -> list[tuple[str, float | None, float | None]]:
@@ -203,7 +192,7 @@ async def test_inserted_audio_is_the_runtime_listen_slice(suite: Path) -> None:
         assert spans(assistant) == expected
 
         # The same slices reach a model through the real graph replaying the trace.
-        backend = ScriptedBackend(item["trace"])
+        backend = TraceReplay(item["trace"])
         agent = EchoAgent(backend, store, AgentConfig())
         await agent.ask(item["_audio"], item["question"], item["choices"])
         runtime = backend.requests[-1].messages
