@@ -177,7 +177,7 @@ def test_ask_json_prints_one_result_object(beeps_wav: Path, env: dict[str, str])
     assert "Traceback" not in proc.stderr
     obj = json.loads(proc.stdout)  # fails on anything but exactly one JSON document
     assert isinstance(obj, dict)
-    assert set(obj) == {"answer", "choice", "listens", "verdict", "text", "status"}
+    assert set(obj) == {"answer", "choice", "listens", "verdict", "text", "status", "generated_tokens"}
     result = Result.model_validate(obj)
     assert result.status in ("answered", "no_answer")
     assert (result.answer is None) == (result.status == "no_answer")

@@ -39,7 +39,7 @@ from echo_agent.training.eval import (
     read_partial,
 )
 
-MMAU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmau" / "mmau-test-mini.json"
+MMAU = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
 _SCRIPT = Path(sys.executable).with_name("echo-agent")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "echo_agent.cli"]
 REPORT_KEYS = {

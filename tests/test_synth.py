@@ -17,7 +17,7 @@ from echo_agent.training import synth as S
 from echo_agent.verifier import extract_answer, select_choice, verify
 
 SR = S.SAMPLE_RATE
-MMAU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmau" / "mmau-test-mini.json"
+MMAU = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
 N_SEGS = {"count": (1, 1), "order": (1, 6), "identify": (1, 1), "pitch": (2, 2), "locate": (1, 4), "duration": (1, 6)}
 N_CHOICES = {"count": 4, "order": 2, "identify": 4, "pitch": 2, "locate": 4, "duration": 4}
 KIND_SECONDS = {"beep": (0.1, 0.5), "chirp": (0.3, 1.0), "noise burst": (0.2, 1.0), "chord": (0.5, 2.0)}

@@ -24,7 +24,7 @@ from echo_agent.verifier import (
     verify,
 )
 
-MMAU_MINI = Path("/work/shared/data/mmau/mmau-test-mini.json")
+MMAU_MINI = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
 
 COUNT_CHOICES = ["one", "two", "three"]
 GOOD = "<think>I hear a beep <seg>1.0, 2.0</seg> at 1.2 s, and a second one.</think><answer>two</answer>"
