@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from echo_agent.backends.transformers import PromptEncoder
-from echo_agent.training.sft import SFTConfig, batches, load_items, load_model, lr_at
+from echo_agent.training.sft import SFTConfig, batches, load_items, load_model, lr_at, train_step
 from echo_agent.training.synth import write_suite
 
 Batch = dict[str, torch.Tensor]
@@ -108,19 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             nonlocal step, pipeline_s
             t = time.perf_counter()
             batch, n_tokens = next(data)
-            batch = {k: v.to(device) for k, v in batch.items()}
             pipeline_s += time.perf_counter() - t
             seen.append(batch["input_ids"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(train_step(model, optimizer, accelerator, params, batch, lr_at(step, cfg), cfg.grad_clip))
             step += 1
-            losses.append(float(loss.detach()))
             return n_tokens
 
         bare_index = 0

@@ -228,6 +228,23 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def train_step(
+    model: Any, optimizer: Any, accelerator: Any, params: list[torch.nn.Parameter], batch: dict[str, torch.Tensor],
+    lr: float, grad_clip: float,
+) -> float:  # fmt: skip
+    """One optimisation step on one batch; returns the loss."""
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def validate(model: Any, processor: Any, items: list[dict[str, Any]], mode: AudioMode) -> dict[str, float]:
     """Accuracy of the real agent graph (greedy) on validation items."""
     import asyncio
@@ -333,18 +350,9 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
 
     while step < cfg.steps:
         batch, n_tokens = next(data)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(train_step(model, optimizer, accelerator, params, batch, lr_at(step, cfg), cfg.grad_clip))
         step += 1
         tokens += n_tokens
-        losses.append(float(loss.detach()))
         record: dict[str, Any] = {}
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
