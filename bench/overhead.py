@@ -261,6 +261,13 @@ async def bare_ask(
             verdict=verdict,
             text=reasoning,
             status="answered" if verdict.answer is not None else "no_answer",
+            generated_tokens=sum(
+                len(p.get("token_ids", []))
+                for m in conversation
+                if m["role"] == "assistant"
+                for p in m["content"]
+                if p["type"] == "text" and p["origin"] == "model"
+            ),
         )
 
 
