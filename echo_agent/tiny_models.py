@@ -10,11 +10,11 @@ a `WhisperFeatureExtractor` configured as on the hub, a byte-level `tokenizers` 
 family's special tokens, and the family's real chat template. The models have hidden size 32 and 2 layers.
 They are used by the tests and as the CLI's placeholder default model.
 
-The second half of the module is what a transformers backend needs to put several clips into **one**
-sequence, including a clip inserted inline in a partly generated assistant turn (design §2):
-`encode_audio_placeholder` runs the real processor on one clip, and `collate_audio_features` builds the
-model kwargs for all clips in order. Piecewise encoding gives exactly the processor's joint encoding;
-the tests check that the logits agree.
+Putting several clips into **one** sequence, including a clip inserted inline in a partly generated
+assistant turn (design §2), lives in `echo_agent.backends.transformers`: `encode_audio_placeholder` runs
+the real processor on one clip, and `collate_audio_features` builds the model kwargs for all clips in
+order. Piecewise encoding gives exactly the processor's joint encoding; tests/test_tiny_models.py checks
+that the logits agree. The facts below, found while building these models, explain that code.
 
 Per-family facts (transformers 5.24):
 
