@@ -47,6 +47,7 @@ from echo_agent.audio import AudioRef, AudioStore
 from echo_agent.backends.base import AudioResolver, DeltaCallback, Generation, GenerationRequest
 from echo_agent.backends.transformers import TransformersBackend, collate_audio_features
 from echo_agent.config import AgentConfig, SamplingParams
+from echo_agent.graphs.echo import generated_token_count, response_text  # helpers only; no LangGraph runs
 from echo_agent.messages import Message, Part, audio_part, text_part
 from echo_agent.prompts import RETRY_NUDGE, format_question
 from echo_agent.protocols import SegTagProtocol
@@ -193,17 +194,6 @@ class Recorder:
 # ---- path B: the bare loop ------------------------------------------------------------------------------
 
 
-def response_text(conversation: Sequence[Message], start: int) -> str:
-    """The assistant's text from `start` on, audio and tool notes removed (as graphs/echo.py judges it)."""
-    return "".join(
-        part["text"]
-        for msg in conversation[start:]
-        if msg["role"] == "assistant"
-        for part in msg["content"]
-        if part["type"] == "text" and part["origin"] != "note"
-    )
-
-
 async def bare_ask(
     backend: Recorder,
     store: AudioStore,
@@ -261,13 +251,7 @@ async def bare_ask(
             verdict=verdict,
             text=reasoning,
             status="answered" if verdict.answer is not None else "no_answer",
-            generated_tokens=sum(
-                len(p.get("token_ids", []))
-                for m in conversation
-                if m["role"] == "assistant"
-                for p in m["content"]
-                if p["type"] == "text" and p["origin"] == "model"
-            ),
+            generated_tokens=generated_token_count(conversation, 0),
         )
 
 

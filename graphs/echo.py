@@ -45,6 +45,17 @@ def response_text(conversation: list[Message], start: int) -> str:
     return "".join(out)
 
 
+def generated_token_count(conversation: list[Message], start: int) -> int:
+    """Tokens the model sampled in the assistant messages from `start` on."""
+    return sum(
+        len(p.get("token_ids", []))
+        for m in conversation[start:]
+        if m["role"] == "assistant"
+        for p in m["content"]
+        if p["type"] == "text" and p["origin"] == "model"
+    )
+
+
 # ---- routing: pure functions of state --------------------------------------------------------
 
 
@@ -181,15 +192,8 @@ def build_echo_graph(
                 "status": "retry",
             }
         writer({"type": "verdict", "verdict": verdict.model_dump()})
-        generated = sum(
-            len(p.get("token_ids", []))
-            for m in state["conversation"][state["question_start"] :]
-            if m["role"] == "assistant"
-            for p in m["content"]
-            if p["type"] == "text" and p["origin"] == "model"
-        )
         return {
-            "generated_tokens": generated,
+            "generated_tokens": generated_token_count(state["conversation"], state["question_start"]),
             "answer": verdict.answer,
             "choice": verdict.choice,
             "verdict": verdict.model_dump(),
