@@ -35,6 +35,8 @@ class EchoTinyAudioEncoder(nn.Module):
             d, config.audio_heads, dim_feedforward=4 * d, dropout=0.0, batch_first=True, norm_first=True
         )
         self.layers = nn.TransformerEncoder(layer, config.audio_layers, enable_nested_tensor=False)
+        # The time embedding starts small so it does not drown the convolutions' output.
+        self.time_scale = nn.Parameter(torch.tensor(0.1))
         self.queries = nn.Parameter(torch.randn(config.audio_tokens, d) * 0.02)
         self.pool = nn.MultiheadAttention(d, config.audio_heads, batch_first=True)
         self.norm = nn.LayerNorm(d)
@@ -64,7 +66,7 @@ class EchoTinyAudioEncoder(nn.Module):
         index = torch.arange(x.shape[1], device=x.device)
         pad = index.unsqueeze(0) >= frames.unsqueeze(1)
         times = (index.unsqueeze(0) + 0.5) * torch.tensor(steps, device=x.device, dtype=x.dtype).unsqueeze(1)
-        h = x + time_embedding(times, x.shape[-1])
+        h = x + self.time_scale * time_embedding(times, x.shape[-1])
         h = self.layers(h, src_key_padding_mask=pad)
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.pool(q, h, h, key_padding_mask=pad, need_weights=False)

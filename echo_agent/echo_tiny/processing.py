@@ -33,8 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
+# log10 mel power of the suite's peak-normalised clips has mean ~ -0.1 and std ~ 0.75: features are
+# standardised with these fixed constants (not per input, which would erase absolute loudness).
+LOG_MEL_MEAN, LOG_MEL_STD = -0.1, 0.75
+
+
 class EchoTinyFeatureExtractor:
-    """Log-mel features at 100 frames/s (25 ms window, 10 ms hop), on a fixed log scale."""
+    """Log-mel features at 100 frames/s (25 ms window, 10 ms hop), standardised on a fixed scale."""
 
     def __init__(self, sampling_rate: int = 16000, n_mels: int = 64, n_fft: int = 400, hop_length: int = 160) -> None:
         self.sampling_rate, self.n_mels, self.n_fft, self.hop_length = sampling_rate, n_mels, n_fft, hop_length
@@ -57,7 +62,7 @@ class EchoTinyFeatureExtractor:
         x = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: store arrays are read-only
         with torch.no_grad():
             mel = self._mel(x)  # (n_mels, frames)
-        return (torch.log10(mel.clamp(min=1e-8)) + 4.0) / 4.0
+        return (torch.log10(mel.clamp(min=1e-8)) - LOG_MEL_MEAN) / LOG_MEL_STD
 
     def __call__(
         self, audio: Sequence[np.ndarray], sampling_rate: int | None = None, return_tensors: str = "pt", **_: Any
