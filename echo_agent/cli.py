@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
         sft.add_argument(f"--{name}", type=kind, default=None)
     sft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+
+    grpo = train_sub.add_parser("grpo", help="GRPO over full agent trajectories (stage 2)")
+    grpo.add_argument("--train", required=True, help="training data (MMAU JSON with gold answers)")
+    grpo.add_argument("--val", default=None, help="validation data, scored greedily by the real agent graph")
+    grpo.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
+    grpo.add_argument("--init", required=True, help="the starting model directory (an SFT run's final/)")
+    grpo.add_argument("--audio-mode", choices=["interleaved", "grounded"], default=None)
+    grpo.add_argument("--reward", choices=["paper", "deepeyes"], default=None, help="reward weights (default: paper)")
+    grpo.add_argument("--config", default=None, help="JSON file of further GRPOConfig fields")
+    for name, kind in (("steps", int), ("group-size", int), ("items-per-step", int), ("lr", float),
+                       ("kl-coef", float), ("eval-every", int), ("seed", int)):  # fmt: skip
+        grpo.add_argument(f"--{name}", type=kind, default=None)
+    grpo.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
     return parser
 
 
@@ -364,6 +377,30 @@ def _train_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_grpo(args: argparse.Namespace) -> int:
+    from .training.grpo import GRPOConfig, train
+
+    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    fields.update(train=args.train, out=args.out, init=args.init)
+    for name in ("audio_mode", "reward", "steps", "group_size", "items_per_step", "lr", "kl_coef", "eval_every",
+                 "seed", "val"):  # fmt: skip
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.lora:
+        fields["lora"] = True
+    try:
+        cfg = GRPOConfig.model_validate(fields)
+    except ValidationError as err:
+        raise _config_error(err) from None
+    for path in (cfg.train, cfg.val):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such data file: {path}")
+    if not (Path(cfg.init) / "config.json").is_file():
+        raise ConfigError(f"--init {cfg.init} is not a model directory")
+    print(train(cfg))
+    return 0
+
+
 def _train_sft(args: argparse.Namespace) -> int:
     from .training.sft import SFTConfig, train
 
@@ -400,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data_synth(args)
         if args.command == "train" and args.train_command == "audio":
             return _train_audio(args)
+        if args.command == "train" and args.train_command == "grpo":
+            return _train_grpo(args)
         if args.command == "train" and args.train_command == "sft":
             return _train_sft(args)
     except EchoError as err:
