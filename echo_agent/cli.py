@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--val", default=None, help="validation data, scored by the real agent graph")
     sft.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
     sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
-    sft.add_argument("--audio-mode", choices=["interleaved", "cold_start"], default="interleaved")
+    sft.add_argument(
+        "--audio-mode",
+        choices=["interleaved", "cold_start", "text"],
+        default="interleaved",
+        help="interleaved: listened audio inserted; cold_start: <seg> tags, no audio; text: no listens",
+    )
     sft.add_argument("--config", default=None, help="JSON file of further SFTConfig fields")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
         sft.add_argument(f"--{name}", type=kind, default=None)
