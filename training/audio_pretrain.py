@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from .synth import DURATION_CHOICES, KINDS, PITCH_WORDS
+from .synth import DURATION_CHOICES, KINDS, PITCH_WORDS, kinds_heard
 
 PAIRS: list[tuple[int, int]] = list(itertools.combinations(range(len(KINDS)), 2))
 COUNT_CLASSES = 8
@@ -83,14 +83,8 @@ class AudioPretrainConfig(BaseModel):
 def slice_labels(events: Sequence[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
     """The head targets for the slice [start, end] of a clip with these events (`IGNORE` = no target)."""
 
-    def overlap(ev: dict[str, Any]) -> float:
-        return max(0.0, min(end, float(ev["offset"])) - max(start, float(ev["onset"])))
-
-    def inside(ev: dict[str, Any]) -> bool:
-        length = float(ev["offset"]) - float(ev["onset"])
-        return overlap(ev) >= min(0.5 * length, 0.25)
-
-    heard = [ev for ev in events if inside(ev)]
+    # The traces' "I hear ..." lists use the same rule (`kinds_heard`), so head and text agree.
+    heard = [ev for ev in events if kinds_heard([(ev["kind"], ev["onset"], ev["offset"])], start, end)]
     mid = 0.5 * (start + end)
     at_mid = [ev for ev in events if ev["onset"] - 0.02 <= mid <= ev["offset"] + 0.02]
     first: dict[int, float] = {}

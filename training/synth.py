@@ -354,6 +354,27 @@ def _scan(n: int, last: int, found: str, missing: str) -> tuple[list[tuple[float
     return steps, [[last * _WINDOW, min((last + 1) * _WINDOW, n / _SR)]]
 
 
+def kinds_heard(events: Iterable[tuple[str, float, float]], start: float, end: float) -> list[str]:
+    """The kinds of the (kind, onset, offset) events heard in [start, end], in `KINDS` order. An event
+    counts when half of it, or 0.25 s of it, lies inside: the rule echo-tiny's encoder is pretrained on."""
+    heard = set()
+    for kind, onset, offset in events:
+        inside = max(0.0, min(end, offset) - max(start, onset))
+        if inside >= min(0.5 * (offset - onset), 0.25):
+            heard.add(kind)
+    return [k for k in KINDS if k in heard]
+
+
+def _heard(tl: _Timeline, a: float, b: float) -> str:
+    """ " I hear a click and a chord;": what a scan step reports before deciding. Naming every kind heard
+    is a direct read-out of the slice; checking the asked-about kind against that list is then text."""
+    kinds = [f"a {k}" for k in kinds_heard(((e.kind, e.onset, e.offset) for e in tl.events), a, b)]
+    if not kinds:
+        return " I hear nothing;"
+    listed = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+    return f" I hear {listed};"
+
+
 def _tenths(rng: np.random.Generator, lo: float, hi: float) -> float:
     """A uniform time on the 0.1 s grid in [lo, hi]."""
     return int(rng.integers(math.ceil(lo * 10 - 1e-9), math.floor(hi * 10 + 1e-9) + 1)) / 10
@@ -450,6 +471,7 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     last = _window_of(first)
     found = f" both are here, the {answer} comes first." if _window_of(second) == last else f" the {answer} is here."
     steps, evidence = _scan(tl.n, last, found, " neither is here.")
+    steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
     trace = _trace("I scan the clip in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
@@ -529,7 +551,8 @@ def _build_locate(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int 
     question = f"When is the {kind} heard?"
     # Listen to the choices in the order they are listed, up to the one that holds the event.
     spans = [(float(c), float(d)) for c, d in (re.findall(r"\d+\.\d", x) for x in choices[: pos + 1])]
-    steps = [(c, d, f" no {kind} here." if k < pos else f" the {kind} is here.") for k, (c, d) in enumerate(spans)]
+    steps = [(c, d, _heard(tl, c, d) + (f" no {kind} here." if k < pos else f" the {kind} is here."))
+             for k, (c, d) in enumerate(spans)]  # fmt: skip
     trace = _trace("I check the time ranges in the listed order.", steps, answer)
     return question, choices, answer, [[a, b]], trace
 
@@ -547,6 +570,7 @@ def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     question = f"How long does the {kind} last?"
     found = f" the {kind} is here; it lasts about {value:.1f} s."
     steps, evidence = _scan(tl.n, _window_of(ev), found, f" no {kind} here.")
+    steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
     trace = _trace("I scan the clip in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
