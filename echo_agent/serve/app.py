@@ -43,6 +43,7 @@ from ..backends.base import AudioResolver, Generation, GenerationRequest, ModelB
 from ..config import AgentConfig, SamplingParams
 from ..errors import AudioTooLargeError, BackendError, EchoError
 from ..messages import Message
+from ..prompts import INSTRUCTION
 from .schema import AudioIntake, ChatRequest, Conversation, EchoOptions, RequestError, last_user_text, to_conversation
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
@@ -498,7 +499,8 @@ def thread_view(thread_id: str, state: dict[str, Any]) -> dict[str, Any]:
     for msg in conversation:
         user_text = [p["text"] for p in msg["content"] if p["type"] == "text" and p["origin"] == "user"]
         if msg["role"] == "user" and user_text:
-            turns.append({"question": "".join(user_text), "reasoning": "", "spans": []})
+            question = "".join(user_text).replace(INSTRUCTION, "").strip()
+            turns.append({"question": question, "reasoning": "", "spans": []})
             continue
         if not turns:
             continue
