@@ -110,7 +110,8 @@ async def test_function_call_and_text_mode_requests_reach_the_model_unchanged(
          "tool_calls": [call]},  # type: ignore[list-item]
         {"role": "tool", "content": [text_part("ok: listening to clip 'main' from 2.00 s to 3.00 s", "runtime")],
          "tool_call_id": "call_0"},
-        {"role": "user", "content": [text_part("Audio of clip 'main' from 2.00 s to 3.00 s:\n"), audio_part("main", 2.0, 3.0)]},
+        {"role": "user", "content": [text_part("Audio of clip 'main' from 2.00 s to 3.00 s:\n"),
+                                     audio_part("main", 2.0, 3.0)]},
     ]  # fmt: skip
     sampling = SamplingParams(temperature=0.0, max_new_tokens=6)
     requests = [
@@ -129,8 +130,8 @@ def test_the_official_client_sees_an_openai_server(server: ServeProcess, echo_mo
     assert {m.id for m in client.models.list().data} == {str(echo_model[0]), "echo-agent"}
     clip = base64.b64encode(echo_model[1].read_bytes()).decode()
     question = format_question(ECHO_QUESTION, ECHO_CHOICES, {"main": 6.0}, "main")
-    messages: Any = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
-                                                  {"type": "text", "text": question}]}]  # fmt: skip
+    part = {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}}
+    messages: Any = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
     raw = str(echo_model[0])
     # The raw model honours `stop` and reports which stop string ended it, as vLLM does.
     plain = client.chat.completions.create(model=raw, messages=messages, temperature=0, max_tokens=60, stop=["</seg>"])
@@ -150,7 +151,7 @@ def test_the_official_client_sees_an_openai_server(server: ServeProcess, echo_mo
     assert chunks[-1].choices[0].finish_reason == "stop"
     # The agent: the final answer as content, the rest in `echo`.
     answer = client.chat.completions.create(
-        model="echo-agent", messages=[{"role": "user", "content": [messages[0]["content"][0], {"type": "text", "text": ECHO_QUESTION}]}],
+        model="echo-agent", messages=[{"role": "user", "content": [part, {"type": "text", "text": ECHO_QUESTION}]}],
         temperature=0, extra_body={"echo": {"choices": ECHO_CHOICES}},
     )  # fmt: skip
     msg = answer.choices[0].message
