@@ -17,6 +17,7 @@ async def serve(backend: ModelBackend, config: ServeConfig, host: str, port: int
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     app = create_app(backend, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
