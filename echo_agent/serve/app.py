@@ -493,22 +493,26 @@ async def _list_threads(saver: BaseCheckpointSaver[Any]) -> list[dict[str, Any]]
 
 
 def thread_view(thread_id: str, state: dict[str, Any]) -> dict[str, Any]:
-    """A thread's questions with their reasoning, answers and re-listened spans, from its conversation."""
+    """A thread's questions with their reasoning, answers and re-listened spans, from its conversation.
+    `items` interleaves reasoning text and spans in the order they happened."""
     turns: list[dict[str, Any]] = []
     conversation: list[Message] = state.get("conversation", [])
     for msg in conversation:
         user_text = [p["text"] for p in msg["content"] if p["type"] == "text" and p["origin"] == "user"]
         if msg["role"] == "user" and user_text:
             question = "".join(user_text).replace(INSTRUCTION, "").strip()
-            turns.append({"question": question, "reasoning": "", "spans": []})
+            turns.append({"question": question, "reasoning": "", "spans": [], "items": []})
             continue
         if not turns:
             continue
         for part in msg["content"]:
             if part["type"] == "audio" and part["start"] is not None:
-                turns[-1]["spans"].append({"clip": part["clip"], "start": part["start"], "end": part["end"]})
+                span = {"clip": part["clip"], "start": part["start"], "end": part["end"]}
+                turns[-1]["spans"].append(span)
+                turns[-1]["items"].append({"span": span})
             elif part["type"] == "text" and msg["role"] == "assistant" and part["origin"] != "note":
                 turns[-1]["reasoning"] += part["text"]
+                turns[-1]["items"].append({"text": part["text"]})
     from ..verifier import extract_answer
 
     for turn in turns:
