@@ -41,7 +41,9 @@ def test_upload_ask_watch_the_span_and_reload_the_thread(
 ) -> None:
     shots = Path(os.environ.get("ECHO_SCREENSHOTS", tmp_path))
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 820})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
