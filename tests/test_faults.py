@@ -76,10 +76,20 @@ class FaultProxy:
 
         async def relay() -> AsyncIterator[bytes]:
             try:
+                if not drop:
+                    async for chunk in resp.aiter_raw():
+                        yield chunk
+                    return
+                # Forward whole SSE events, all the text included, and cut the connection just before the
+                # event that says why generation finished: the client has seen everything but the end.
+                buffer = b""
                 async for chunk in resp.aiter_raw():
-                    yield chunk
-                    if drop:
-                        raise ConnectionAbortedError("injected: connection cut mid-stream")
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        event, buffer = buffer.split(b"\n\n", 1)
+                        if b'"finish_reason": "' in event:
+                            raise ConnectionAbortedError("injected: connection cut mid-stream")
+                        yield event + b"\n\n"
             finally:
                 await resp.aclose()
                 await client.aclose()
@@ -102,6 +112,10 @@ def proxy(upstream: ThreadServer) -> Iterator[FaultProxy]:
     p.server.stop()
 
 
+def _text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in events if e["type"] == "text")
+
+
 def backend_via(proxy: FaultProxy, **options: Any) -> OpenAIBackend:
     return OpenAIBackend(RAW, f"{proxy.url}/v1", options=OpenAIOptions(**{**QUICK_RETRY, **options}))
 
@@ -114,14 +128,17 @@ def backend_via(proxy: FaultProxy, **options: Any) -> OpenAIBackend:
 async def test_agent_retries_then_succeeds(
     proxy: FaultProxy, upstream: ThreadServer, beeps_wav: Path, plan: list[str], stream: bool
 ) -> None:
-    direct = await EchoAgent(OpenAIBackend(RAW, f"{upstream.url}/v1"), AudioStore(), FAST).ask(beeps_wav, "Beeps?")
+    direct = EchoAgent(OpenAIBackend(RAW, f"{upstream.url}/v1"), AudioStore(), FAST)
+    expected = [e async for e in direct.astream(beeps_wav, "Beeps?")]
     proxy.plan, proxy.seen = list(plan), []
     backend = backend_via(proxy, timeout=1.0, stream=stream)
     started = time.monotonic()
-    result = (await EchoAgent(backend, AudioStore(), FAST).ask(beeps_wav, "Beeps?")).model_dump()
+    events = [e async for e in EchoAgent(backend, AudioStore(), FAST).astream(beeps_wav, "Beeps?")]
     # Every injected fault was met and retried; the answer is the one the real model gives directly.
     assert proxy.seen[: len(plan)] == plan and backend.attempts == len(proxy.seen)
-    assert result == direct.model_dump()
+    assert events[-1] == expected[-1]
+    if stream:  # text already shown before a cut is not shown twice
+        assert [e for e in events if e["type"] == "text"] and _text(events) == _text(expected)
     if "stall" in plan:
         assert time.monotonic() - started >= 1.0
 

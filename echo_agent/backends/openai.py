@@ -238,6 +238,7 @@ class OpenAIBackend:
         stream = self.options.stream and on_delta is not None
         kwargs = self.build_kwargs(request, audio, stream)
         last = "no attempt"
+        forward = _ReplayFilter(on_delta) if on_delta is not None else None
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self.options.max_attempts),
@@ -248,7 +249,9 @@ class OpenAIBackend:
                 with attempt:
                     self.attempts += 1
                     try:
-                        return await self._attempt(kwargs, request, on_delta if stream else None)
+                        if forward is not None:
+                            forward.new_attempt()
+                        return await self._attempt(kwargs, request, forward if stream else None)
                     except _Retryable as err:
                         last = err.status
                         raise
@@ -379,6 +382,28 @@ def _error_message(err: openai.APIStatusError) -> str:
         if isinstance(inner, str):
             return inner[:300]
     return str(err.message)[:300]
+
+
+class _ReplayFilter:
+    """Forwards streamed text to the caller once, across retries: an attempt after a broken stream
+    replays the text already shown (greedy decoding repeats it exactly), so only what goes past it is
+    forwarded. If the new attempt diverges, its text is forwarded from the point where it passes
+    what was shown (what was shown cannot be taken back)."""
+
+    def __init__(self, callback: DeltaCallback) -> None:
+        self.callback = callback
+        self.shown = ""
+        self.attempt = ""
+
+    def new_attempt(self) -> None:
+        self.attempt = ""
+
+    def __call__(self, delta: str) -> None:
+        self.attempt += delta
+        if len(self.attempt) > len(self.shown):
+            new = self.attempt[len(self.shown) :]
+            self.shown += new
+            self.callback(new)
 
 
 class _Accumulator:
