@@ -61,6 +61,9 @@ class FaultProxy:
             body = await request.body()
             if fault.isdigit():
                 return JSONResponse({"error": {"message": f"injected {fault}", "type": "fault"}}, int(fault))
+            if fault == "sse-error":  # a 200 stream whose first event is an error, as servers send them
+                event = b'data: {"error": {"message": "injected: model crashed", "type": "fault", "code": 500}}\n\n'
+                return StreamingResponse(iter([event]), media_type="text/event-stream")
             if fault == "stall":
                 await asyncio.sleep(stall_s)
             return await self._forward(body, drop=fault == "drop")
@@ -157,6 +160,9 @@ async def test_agent_gives_up_cleanly(proxy: FaultProxy, beeps_wav: Path) -> Non
     with pytest.raises(BackendError, match="HTTP 400"):
         await EchoAgent(backend, AudioStore(), FAST).ask(beeps_wav, "Beeps?")
     assert backend.attempts == 1
+    proxy.plan, proxy.seen = ["sse-error"], []
+    with pytest.raises(BackendError, match="injected: model crashed"):
+        await EchoAgent(backend_via(proxy), AudioStore(), FAST).ask(beeps_wav, "Beeps?")
     # Nobody listening: connection errors are retried, then reported.
     proxy.plan = []
     dead = OpenAIBackend(RAW, "http://127.0.0.1:9/v1", options=OpenAIOptions(max_attempts=2, **QUICK_RETRY))

@@ -284,6 +284,8 @@ class OpenAIBackend:
             if err.status_code == 429 or err.status_code >= 500:
                 raise _Retryable(status) from None
             raise BackendError(f"{self.base_url} (model {self.model}): {status}") from None
+        except openai.APIError as err:  # e.g. an error event in the middle of a stream
+            raise BackendError(f"{self.base_url} (model {self.model}): {err.message[:300]}") from None
 
     async def _streamed(
         self, kwargs: dict[str, Any], request: GenerationRequest, on_delta: DeltaCallback
