@@ -198,3 +198,30 @@ def test_model_spec_and_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = load_backend("openai:m@http://127.0.0.1:9/v1")
     assert isinstance(backend, OpenAIBackend) and backend.client.api_key == "sk-echo"
     asyncio.run(backend.aclose())
+
+
+@pytest.mark.parametrize("tail", [" ", None])
+def test_a_continued_turn_ending_in_a_slice_keeps_it_under_transformers_templates(
+    echo_model: tuple[Path, Path], tail: str | None
+) -> None:
+    """vLLM renders chat requests with transformers' `apply_chat_template`, whose `continue_final_message`
+    cuts the prompt after the final message's last *text* block. Rendered with the real Qwen2-Audio
+    template, the seg protocol's continued turn keeps its inserted slice only with the `audio_tail`."""
+    store = AudioStore()
+    ref = store.load(echo_model[1])
+    backend = OpenAIBackend("m", "http://127.0.0.1:9/v1", options=OpenAIOptions(audio_tail=tail))
+    messages: list[Message] = [
+        {"role": "user", "content": [audio_part("main"), text_part("How many beeps?")]},
+        {"role": "assistant", "content": [text_part("<think>near <seg>2.0, 3.0</seg>", "model"),
+                                          audio_part("main", 2.0, 3.0)]},
+    ]  # fmt: skip
+    request = GenerationRequest(messages=messages, continue_final=True, stop=["</seg>"])
+    wire = backend.build_kwargs(request, AudioResolver(store, {"main": ref}), stream=False)
+    assert wire["extra_body"]["continue_final_message"] is True and wire["extra_body"]["add_generation_prompt"] is False
+    # As vLLM hands OpenAI content parts to the template: each audio part becomes {"type": "audio"}.
+    hf = [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "audio"} for p in m["content"]]}
+          for m in wire["messages"]]  # fmt: skip
+    processor = TransformersBackend.from_pretrained(echo_model[0]).processor
+    rendered = processor.apply_chat_template(hf, tokenize=False, continue_final_message=True)
+    assert rendered.count("<|AUDIO|>") == (2 if tail else 1)
+    assert rendered.rstrip().endswith("<|audio_eos|>") == bool(tail)

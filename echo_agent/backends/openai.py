@@ -67,6 +67,14 @@ class OpenAIOptions(BaseModel):
             "include_stop_str_in_output, top_k, bad_words); turn off for APIs that reject unknown fields"
         ),
     )
+    audio_tail: str | None = Field(
+        " ",
+        description=(
+            "text sent after an inserted slice that ends a continued assistant message: transformers' "
+            "continue_final_message (which vLLM uses) cuts the prompt after the message's last text block, "
+            "which would drop the slice; echo-agent serve ignores this text. None to send nothing"
+        ),
+    )
     return_token_ids: bool = Field(False, description="ask for token ids (vLLM's return_token_ids)")
     logprobs: bool = Field(False, description="ask for per-token log-probs")
     stream: bool = Field(True, description="stream when the caller wants text deltas")
@@ -218,6 +226,9 @@ class OpenAIBackend:
         if opts.vllm_extensions:
             if request.continue_final:
                 extra.update(continue_final_message=True, add_generation_prompt=False)
+                last = kwargs["messages"][-1]
+                if opts.audio_tail and isinstance(last["content"], list) and last["content"][-1]["type"] != "text":
+                    last["content"].append({"type": "text", "text": opts.audio_tail})
             if request.stop:
                 extra["include_stop_str_in_output"] = True
             if s.top_k:

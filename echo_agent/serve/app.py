@@ -274,8 +274,19 @@ def _raw_request(server: _Server, req: ChatRequest, conv: Conversation) -> Gener
         raise RequestError("continue_final_message=true needs add_generation_prompt=false")
     if req.continue_final_message and conv.messages[-1]["role"] != "assistant":
         raise RequestError("continue_final_message=true needs a final assistant message")
+    messages = conv.messages
+    if req.continue_final_message:
+        parts = messages[-1]["content"]
+        if (
+            len(parts) >= 2
+            and parts[-2]["type"] == "audio"
+            and parts[-1]["type"] == "text"
+            and not parts[-1]["text"].strip()
+        ):
+            # OpenAIBackend's `audio_tail`, a workaround for transformers' template cut; our prompts need none.
+            messages = [*messages[:-1], {**messages[-1], "content": parts[:-1]}]
     return GenerationRequest(
-        messages=conv.messages, continue_final=req.continue_final_message, stop=req.stops(), tools=req.tools,
+        messages=messages, continue_final=req.continue_final_message, stop=req.stops(), tools=req.tools,
         sampling=server.sampling(req, default_temperature=1.0), suppress=list(req.bad_words or []),
     )  # fmt: skip
 
