@@ -42,9 +42,9 @@ def test_upload_ask_watch_the_span_and_reload_the_thread(
 ) -> None:
     shots = Path(os.environ.get("ECHO_SCREENSHOTS", tmp_path))
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
-        )
+        flags = ["--no-sandbox", "--autoplay-policy=no-user-gesture-required",
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # fmt: skip
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=flags)
         page = browser.new_page(viewport={"width": 1280, "height": 820})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -82,5 +82,15 @@ def test_upload_ask_watch_the_span_and_reload_the_thread(
         assert page.locator(".span-chip").count() == 1
         sync_api.expect(page.locator("#clipinfo")).to_have_text("6.00 s")  # the clip came back from the server
         page.screenshot(path=str(shots / "web-thread.png"))
+
+        # Recording (Chromium's fake microphone plays a tone): the clip is encoded as WAV and drawn.
+        page.click("#record")
+        sync_api.expect(page.locator("#record")).to_have_text("■ Stop")
+        page.wait_for_timeout(1200)
+        page.click("#record")
+        sync_api.expect(page.locator("#status")).to_have_text("recorded a clip")
+        seconds = float(page.locator("#clipinfo").inner_text().removesuffix(" s"))
+        assert 0.5 < seconds < 5.0
+        page.screenshot(path=str(shots / "web-recorded.png"))
         assert errors == []
         browser.close()

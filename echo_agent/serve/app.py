@@ -22,10 +22,12 @@ Also served: `/` (the web chat page), `/api/threads`, `/api/threads/{id}` and `/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -101,7 +103,8 @@ class _Server:
         self.store = AudioStore(limits, max_cached=64)
         self.intake = AudioIntake(self.store, config.data_dir / "uploads", list(config.allow_file_dirs))
         self._agents: dict[tuple[str, bool], EchoAgent] = {}
-        self._thread_locks: dict[str, asyncio.Lock] = {}
+        # Held only while a question runs; weak values, so finished threads leave nothing behind.
+        self._thread_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def agent(self, sampling: SamplingParams, persistent: bool) -> EchoAgent:
         """An agent for these sampling settings; persistent ones checkpoint into the chat database."""
@@ -112,9 +115,14 @@ class _Server:
             self._agents[key] = EchoAgent(self.backend, self.store, cfg, checkpointer=saver)
         return self._agents[key]
 
-    def thread_lock(self, thread: str) -> asyncio.Lock:
-        # One question at a time per thread: two at once would fork its history.
-        return self._thread_locks.setdefault(thread, asyncio.Lock())
+    def thread_lock(self, thread: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """One question at a time per thread (two at once would fork its history); none for no thread."""
+        if thread is None:
+            return contextlib.nullcontext()
+        lock = self._thread_locks.get(thread)
+        if lock is None:
+            lock = self._thread_locks[thread] = asyncio.Lock()
+        return lock
 
     def sampling(self, req: ChatRequest, default_temperature: float) -> SamplingParams:
         wanted = req.max_completion_tokens or req.max_tokens or self.config.agent.sampling.max_new_tokens
@@ -424,7 +432,7 @@ async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> 
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not req.stream:
-        async with server.thread_lock(thread or cid):
+        async with server.thread_lock(thread):
             question, choices, audio, clips = await _agent_inputs(server, req, conv, agent, thread)
             result = await agent.ask(audio, question, choices, thread_id=thread)
         echo = _echo_body(result, thread, clips)
@@ -435,16 +443,11 @@ async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> 
             "usage": {"prompt_tokens": 0, "completion_tokens": result.generated_tokens,
                       "total_tokens": result.generated_tokens},
         })  # fmt: skip
-    # Validate (and load the audio) before the 200 of the stream goes out, so bad input is a clean 4xx.
-    lock = server.thread_lock(thread or cid)
-    await lock.acquire()
-    try:
-        inputs = await _agent_inputs(server, req, conv, agent, thread)
-    except BaseException:
-        lock.release()
-        raise
+    # Validate before the 200 of the stream goes out, so bad input is a clean 4xx. The stream takes the
+    # thread's lock itself (a generator that never starts must not hold it) and reads the thread again.
+    await _agent_inputs(server, req, conv, agent, thread)
     return StreamingResponse(
-        _agent_stream(agent, req, inputs, thread, lock, cid, created), media_type="text/event-stream"
+        _agent_stream(server, agent, req, conv, thread, cid, created), media_type="text/event-stream"
     )
 
 
@@ -458,15 +461,25 @@ def _echo_body(result: Result, thread: str | None, clips: dict[str, Any]) -> dic
 
 
 async def _agent_stream(
-    agent: EchoAgent, req: ChatRequest, inputs: _AgentInputs,
-    thread: str | None, lock: asyncio.Lock, cid: str, created: int,
+    server: _Server, agent: EchoAgent, req: ChatRequest, conv: Conversation, thread: str | None, cid: str,
+    created: int,
 ) -> AsyncIterator[str]:  # fmt: skip
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})  # fmt: skip
 
-    question, choices, audio, clips = inputs
+    async with server.thread_lock(thread):
+        async for event in _agent_events(agent, req, conv, thread, server, chunk):
+            yield event
+    yield "data: [DONE]\n\n"
+
+
+async def _agent_events(
+    agent: EchoAgent, req: ChatRequest, conv: Conversation, thread: str | None, server: _Server,
+    chunk: Callable[..., str],
+) -> AsyncIterator[str]:  # fmt: skip
     try:
+        question, choices, audio, clips = await _agent_inputs(server, req, conv, agent, thread)
         yield chunk({"role": "assistant", "content": "", "echo": {"type": "start", "thread_id": thread,
                                                                   "clips": _clip_table(clips)}})  # fmt: skip
         async for event in agent.astream(audio, question, choices, thread_id=thread):
@@ -482,9 +495,6 @@ async def _agent_stream(
     except EchoError as err:
         status, kind = _status_of(err)
         yield _sse({"error": {"message": str(err), "type": kind, "code": status}})
-    finally:
-        lock.release()
-    yield "data: [DONE]\n\n"
 
 
 # ---- threads for the web page ---------------------------------------------------------------
