@@ -61,6 +61,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="input_audio",
         help="how audio is sent to an OpenAI-compatible server: input_audio parts, or vLLM's audio_url data: URLs",
     )
+    p.add_argument(
+        "--request-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="per attempt of each call to an OpenAI-compatible server (failed attempts are retried)",
+    )  # fmt: skip
     p.add_argument("--protocol", choices=["seg", "function"], default="seg", help="how the model asks to re-listen")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per generate call")
@@ -74,7 +78,9 @@ def _backend(args: argparse.Namespace) -> Any:
     if args.base_url is not None or (args.model or "").startswith("openai:"):
         from .backends.openai import OpenAIOptions
 
-        options = OpenAIOptions(audio_format=args.audio_format)
+        if args.request_timeout <= 0:
+            raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
+        options = OpenAIOptions(audio_format=args.audio_format, timeout=args.request_timeout)
     return load_backend(args.model, base_url=args.base_url, api_key_env=args.api_key_env, openai_options=options)
 
 

@@ -7,6 +7,7 @@ import socket
 import sys
 
 from ..backends.base import ModelBackend
+from ..errors import ConfigError
 from .app import ServeConfig, create_app
 
 
@@ -16,8 +17,12 @@ async def serve(backend: ModelBackend, config: ServeConfig, host: str, port: int
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     bound = sock.getsockname()[1]
     app = create_app(backend, config)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
