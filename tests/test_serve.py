@@ -168,3 +168,14 @@ def test_langgraph_json_points_at_a_graph_factory(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ECHO_MODEL", RAW)
     graph = getattr(module, attr)({"configurable": {}})
     assert set(graph.get_graph().nodes) >= {"prepare", "model", "listen", "verifier"}
+
+
+def test_serve_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (["--auth-token-env", "NO_SUCH_TOKEN_VAR"], "error: --auth-token-env NO_SUCH_TOKEN_VAR"),
+        (["--allow-file-dir", str(tmp_path / "nope")], "not a directory"),
+        (["--model", "openai:m"], "no server"),
+    ):
+        out = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True,
+                             env=serve_env(tmp_path), timeout=120, check=False)  # fmt: skip
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
