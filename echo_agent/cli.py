@@ -128,16 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
+    audio = train_sub.add_parser("audio", help="pretrain echo-tiny's audio encoder on event labels (stage 0)")
+    audio.add_argument("--train", required=True, help="synthetic suite JSON (items carry their `events`)")
+    audio.add_argument("--val", default=None, help="held-out suite JSON for the head accuracies")
+    audio.add_argument("--out", required=True, help="run folder: model/ (the init of `train sft`), logs")
+    audio.add_argument("--config", default=None, help="JSON file of further AudioPretrainConfig fields")
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int)):
+        audio.add_argument(f"--{name}", type=kind, default=None)
+
     sft = train_sub.add_parser("sft", help="supervised fine-tuning on seg-tag traces (stage 1)")
     sft.add_argument("--train", required=True, help="training data (MMAU JSON with gold `trace`s)")
     sft.add_argument("--val", default=None, help="validation data, scored by the real agent graph")
     sft.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
     sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
-    sft.add_argument("--audio-mode", choices=["interleaved", "cold_start"], default="interleaved")
+    sft.add_argument(
+        "--audio-mode",
+        choices=["interleaved", "cold_start", "text"],
+        default="interleaved",
+        help="interleaved: listened audio inserted; cold_start: <seg> tags, no audio; text: no listens",
+    )
     sft.add_argument("--config", default=None, help="JSON file of further SFTConfig fields")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
         sft.add_argument(f"--{name}", type=kind, default=None)
     sft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+
+    grpo = train_sub.add_parser("grpo", help="GRPO over full agent trajectories (stage 2)")
+    grpo.add_argument("--train", required=True, help="training data (MMAU JSON with gold answers)")
+    grpo.add_argument("--val", default=None, help="validation data, scored greedily by the real agent graph")
+    grpo.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
+    grpo.add_argument("--init", required=True, help="the starting model directory (an SFT run's final/)")
+    grpo.add_argument("--audio-mode", choices=["interleaved", "grounded"], default=None)
+    grpo.add_argument("--reward", choices=["paper", "deepeyes"], default=None, help="reward weights (default: paper)")
+    grpo.add_argument("--config", default=None, help="JSON file of further GRPOConfig fields")
+    for name, kind in (("steps", int), ("group-size", int), ("items-per-step", int), ("lr", float),
+                       ("kl-coef", float), ("eval-every", int), ("seed", int)):  # fmt: skip
+        grpo.add_argument(f"--{name}", type=kind, default=None)
+    grpo.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
 
     serve = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server for the model and the agent, with a web chat page"
@@ -424,6 +450,55 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_error(err: ValidationError) -> ConfigError:
+    return ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+
+
+def _train_audio(args: argparse.Namespace) -> int:
+    from .training.audio_pretrain import AudioPretrainConfig, pretrain
+
+    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    fields.update(train=args.train, out=args.out)
+    for name in ("steps", "batch_size", "lr", "seed"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.val:
+        fields["val"] = args.val
+    try:
+        cfg = AudioPretrainConfig.model_validate(fields)
+    except ValidationError as err:
+        raise _config_error(err) from None
+    for path in (cfg.train, cfg.val):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such data file: {path}")
+    print(pretrain(cfg))
+    return 0
+
+
+def _train_grpo(args: argparse.Namespace) -> int:
+    from .training.grpo import GRPOConfig, train
+
+    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    fields.update(train=args.train, out=args.out, init=args.init)
+    for name in ("audio_mode", "reward", "steps", "group_size", "items_per_step", "lr", "kl_coef", "eval_every",
+                 "seed", "val"):  # fmt: skip
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.lora:
+        fields["lora"] = True
+    try:
+        cfg = GRPOConfig.model_validate(fields)
+    except ValidationError as err:
+        raise _config_error(err) from None
+    for path in (cfg.train, cfg.val):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such data file: {path}")
+    if not (Path(cfg.init) / "config.json").is_file():
+        raise ConfigError(f"--init {cfg.init} is not a model directory")
+    print(train(cfg))
+    return 0
+
+
 def _train_sft(args: argparse.Namespace) -> int:
     from .training.sft import SFTConfig, train
 
@@ -439,7 +514,7 @@ def _train_sft(args: argparse.Namespace) -> int:
     try:
         cfg = SFTConfig.model_validate(fields)
     except ValidationError as err:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        raise _config_error(err) from None
     for path in (cfg.train, cfg.val):
         if path is not None and not path.is_file():
             raise ConfigError(f"no such data file: {path}")
@@ -458,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_eval(args))
         if args.command == "data" and args.data_command == "synth":
             return _data_synth(args)
+        if args.command == "train" and args.train_command == "audio":
+            return _train_audio(args)
+        if args.command == "train" and args.train_command == "grpo":
+            return _train_grpo(args)
         if args.command == "train" and args.train_command == "sft":
             return _train_sft(args)
         if args.command == "serve":

@@ -85,6 +85,7 @@ def build_echo_graph(
     *,
     checkpointer: BaseCheckpointSaver[Any] | None = None,
     name: str = "echo_agent",
+    full_state: bool = False,
 ) -> EchoGraph:
     cfg = config or AgentConfig()
     protocol = make_protocol(cfg.protocol)
@@ -202,7 +203,9 @@ def build_echo_graph(
             "status": "answered" if verdict.answer is not None else "no_answer",
         }
 
-    graph = StateGraph(EchoState, input_schema=EchoInput, output_schema=EchoOutput)
+    # Trainers and collectors need the whole trajectory (`conversation`, token ids, log-probs), so they
+    # may ask for the full state as output; callers composing the graph get the narrow `EchoOutput`.
+    graph = StateGraph(EchoState, input_schema=EchoInput, output_schema=EchoState if full_state else EchoOutput)
     graph.add_node("prepare", prepare)
     graph.add_node("model", model)
     graph.add_node("listen", listen)

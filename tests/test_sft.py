@@ -31,6 +31,7 @@ from echo_agent.training.sft import (
     encode_example,
     load_items,
     new_echo_tiny,
+    text_only_trace,
     trace_messages,
     train,
 )
@@ -390,3 +391,18 @@ def test_stale_final_tmp_is_not_promoted(suite: Path, tmp_path: Path) -> None:
     final = train(echo_tiny_cfg(suite, out, steps=1))
     assert not (final / "junk.bin").exists()
     TransformersBackend.from_pretrained(final)
+
+
+def test_text_variant_drops_every_listen(suite: Path) -> None:
+    """The text-only baseline's targets: the reasoning without a single `<seg>`, and no inserted audio."""
+    store = AudioStore()
+    for item in load_items(suite):
+        messages, _ = trace_messages(item, store, "text")
+        parts = messages[1]["content"]
+        assert all(p["type"] == "text" for p in parts)
+        text = "".join(p["text"] for p in parts if p["type"] == "text")
+        assert "<seg>" not in text and "I listen to" not in text
+        assert text.endswith(f"<answer>{item['answer']}</answer>") and text.startswith("<think>")
+        # Every observation of the gold trace survives, only the listening is gone.
+        assert text_only_trace(item["trace"]) == text
+        assert len(text) < len(item["trace"])

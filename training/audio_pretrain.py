@@ -84,10 +84,10 @@ def slice_labels(events: Sequence[dict[str, Any]], start: float, end: float) -> 
     """The head targets for the slice [start, end] of a clip with these events (`IGNORE` = no target)."""
 
     def overlap(ev: dict[str, Any]) -> float:
-        return max(0.0, min(end, ev["offset"]) - max(start, ev["onset"]))
+        return max(0.0, min(end, float(ev["offset"])) - max(start, float(ev["onset"])))
 
     def inside(ev: dict[str, Any]) -> bool:
-        length = ev["offset"] - ev["onset"]
+        length = float(ev["offset"]) - float(ev["onset"])
         return overlap(ev) >= min(0.5 * length, 0.25)
 
     heard = [ev for ev in events if inside(ev)]
@@ -311,7 +311,8 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
             running = {}
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 model.eval()
-                row.update({f"val_{k}": round(v, 4) for k, v in evaluate_heads(model, processor, heads, val_batches).items()})
+                scores = evaluate_heads(model, processor, heads, val_batches)
+                row.update({f"val_{k}": round(v, 4) for k, v in scores.items()})
                 model.train()
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")

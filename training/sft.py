@@ -4,8 +4,10 @@ Each example is a question about a clip and its gold reasoning trace in the seg-
 trace is cut at every `</seg>`; in `interleaved` mode the listened slice is inserted right there as
 one more audio input, exactly as the runtime does (the same `ListenTool` decides the effective
 span, the same `PromptEncoder` lays out the tokens). In `cold_start` mode (the paper's stage 1) the
-tags stay in the text and no audio is inserted. The loss covers only the tokens the model writes:
-the prompt, inserted audio placeholders and notes are masked (design §6).
+tags stay in the text and no audio is inserted. In `text` mode (the paper's text-only baseline) every
+"I listen to A-B s: <seg>A, B</seg>" is dropped from the trace: plain reasoning about the one hearing.
+The loss covers only the tokens the model writes: the prompt, inserted audio placeholders and notes
+are masked (design §6).
 
     echo-agent train sft --train data/train.json --val data/val.json --out runs/sft
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +39,17 @@ from ..prompts import format_question
 from ..protocols import SEG_CLOSE, parse_closing_seg
 from ..tools.listen import ListenTool
 
-AudioMode = Literal["interleaved", "cold_start"]
+AudioMode = Literal["interleaved", "cold_start", "text"]
+_LISTEN_PHRASE = re.compile(r"\s*I listen to [^:<]*:\s*<seg>[^<]*</seg>")
+
+
+# The graph mode that evaluates each training variant (the paper's Table 3 settings).
+GRAPH_MODE: dict[str, str] = {"interleaved": "interleaved", "cold_start": "grounded", "text": "text"}
+
+
+def text_only_trace(trace: str) -> str:
+    """The trace with its listens removed (the `text` variant's target)."""
+    return _LISTEN_PHRASE.sub("", trace)
 
 
 class SFTConfig(BaseModel):
@@ -98,13 +111,14 @@ def trace_messages(
     tool = ListenTool(limits)
     parts: list[Part] = []
     used = 1
-    pieces = item["trace"].split(SEG_CLOSE)
+    trace = text_only_trace(item["trace"]) if mode == "text" else item["trace"]
+    pieces = trace.split(SEG_CLOSE)
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         text = piece if last else piece + SEG_CLOSE
         if text:
             parts.append(text_part(text, "model"))
-        if last or mode == "cold_start":
+        if last or mode != "interleaved":
             continue
         outcome = tool(parse_closing_seg(text), clips, used)
         used += int(outcome.valid)
@@ -256,9 +270,7 @@ def validate(model: Any, processor: Any, items: list[dict[str, Any]], mode: Audi
     model.eval()
     agent = EchoAgent(
         TransformersBackend(model, processor),
-        config=AgentConfig(
-            sampling=SamplingParams(max_new_tokens=160), mode="interleaved" if mode == "interleaved" else "grounded"
-        ),
+        config=AgentConfig(sampling=SamplingParams(max_new_tokens=160), mode=GRAPH_MODE[mode]),
     )
 
     async def run() -> list[bool]:
