@@ -28,6 +28,7 @@ import json
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -99,21 +100,27 @@ class _Server:
         self.config = config
         self.saver = saver
         limits = AudioLimits(max_bytes=config.max_request_bytes, max_duration=config.max_audio_seconds)
-        # Every clip is kept on disk (uploads by hash), so evicted samples reload: a modest cache suffices.
-        self.store = AudioStore(limits, max_cached=64)
+        # Every clip is kept on disk (uploads by hash), so evicted samples reload: a small cache suffices
+        # (a 10-minute clip is ~40 MB of float samples per sample rate).
+        self.store = AudioStore(limits, max_cached=16)
         self.intake = AudioIntake(self.store, config.data_dir / "uploads", list(config.allow_file_dirs))
-        self._agents: dict[tuple[str, bool], EchoAgent] = {}
+        self._agents: OrderedDict[tuple[str, bool], EchoAgent] = OrderedDict()  # LRU: clients pick the seeds
         # Held only while a question runs; weak values, so finished threads leave nothing behind.
         self._thread_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def agent(self, sampling: SamplingParams, persistent: bool) -> EchoAgent:
         """An agent for these sampling settings; persistent ones checkpoint into the chat database."""
         key = (sampling.model_dump_json(), persistent)
-        if key not in self._agents:
-            cfg = self.config.agent.model_copy(update={"sampling": sampling})
-            saver = self.saver if persistent else None
-            self._agents[key] = EchoAgent(self.backend, self.store, cfg, checkpointer=saver)
-        return self._agents[key]
+        if key in self._agents:
+            self._agents.move_to_end(key)
+            return self._agents[key]
+        cfg = self.config.agent.model_copy(update={"sampling": sampling})
+        agent = self._agents[key] = EchoAgent(
+            self.backend, self.store, cfg, checkpointer=self.saver if persistent else None
+        )
+        if len(self._agents) > 32:  # compiling a graph takes milliseconds; keeping every one would grow forever
+            self._agents.popitem(last=False)
+        return agent
 
     def thread_lock(self, thread: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
         """One question at a time per thread (two at once would fork its history); none for no thread."""
@@ -124,13 +131,14 @@ class _Server:
             lock = self._thread_locks[thread] = asyncio.Lock()
         return lock
 
-    def sampling(self, req: ChatRequest, default_temperature: float) -> SamplingParams:
+    def sampling(self, req: ChatRequest, default_temperature: float, default_seed: int | None = None) -> SamplingParams:
         wanted = req.max_completion_tokens or req.max_tokens or self.config.agent.sampling.max_new_tokens
         try:
             return SamplingParams(
                 temperature=default_temperature if req.temperature is None else req.temperature,
                 top_p=req.top_p or 1.0, top_k=max(0, req.top_k or 0),
-                max_new_tokens=min(wanted, self.config.max_tokens), seed=req.seed,
+                max_new_tokens=min(wanted, self.config.max_tokens),
+                seed=default_seed if req.seed is None else req.seed,
             )  # fmt: skip
         except ValidationError as err:
             raise RequestError(f"bad sampling parameters: {err.errors()[0]['msg']}") from None
@@ -427,8 +435,9 @@ async def _agent_inputs(
 
 async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> Response:
     thread = req.echo.thread_id if req.echo else None
-    agent = server.agent(server.sampling(req, default_temperature=server.config.agent.sampling.temperature),
-                         persistent=thread is not None)  # fmt: skip
+    defaults = server.config.agent.sampling
+    sampling = server.sampling(req, default_temperature=defaults.temperature, default_seed=defaults.seed)
+    agent = server.agent(sampling, persistent=thread is not None)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not req.stream:
