@@ -29,6 +29,7 @@ import base64
 import io
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..errors import BackendError, ConfigError
-from ..messages import Message, Part, ToolCall
+from ..messages import AudioPart, Message, Part, ToolCall
 from .base import AudioResolver, DeltaCallback, FinishReason, Generation, GenerationRequest
 
 API_KEY_ENVS = ("ECHO_API_KEY", "OPENAI_API_KEY")
@@ -150,6 +151,8 @@ class OpenAIBackend:
             http_client=http_client,
         )  # fmt: skip
         self.attempts = 0  # total HTTP attempts made, for tests and logs
+        # Every call resends the whole conversation's audio; encode each (clip, span) once.
+        self._encoded: OrderedDict[tuple[str, float | None, float | None], str] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -164,8 +167,16 @@ class OpenAIBackend:
 
     # ---- request construction --------------------------------------------------------------
 
-    def _audio_part(self, samples: np.ndarray) -> dict[str, Any]:
-        data = base64.b64encode(wav_bytes(samples, self.sample_rate, self.options.wav_subtype)).decode()
+    def _audio_part(self, part: AudioPart, audio: AudioResolver) -> dict[str, Any]:
+        key = (audio.ref(part).sha256, part["start"], part["end"])
+        data = self._encoded.get(key)
+        if data is None:
+            wav = wav_bytes(audio.samples(part, self.sample_rate), self.sample_rate, self.options.wav_subtype)
+            data = self._encoded[key] = base64.b64encode(wav).decode()
+            if len(self._encoded) > 64:
+                self._encoded.popitem(last=False)
+        else:
+            self._encoded.move_to_end(key)
         if self.options.audio_format == "audio_url":
             return {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{data}"}}
         return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
@@ -174,7 +185,7 @@ class OpenAIBackend:
         out: list[dict[str, Any]] = []
         for part in parts:
             if part["type"] == "audio":
-                out.append(self._audio_part(audio.samples(part, self.sample_rate)))
+                out.append(self._audio_part(part, audio))
             elif out and out[-1]["type"] == "text":
                 # Adjacent text parts are one string: servers join separate text parts with newlines.
                 out[-1]["text"] += part["text"]
