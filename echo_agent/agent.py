@@ -23,13 +23,13 @@ from .audio import AudioRef, AudioStore
 from .backends.base import ModelBackend
 from .config import AgentConfig
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .backends.openai import OpenAIOptions
 from .graphs import EchoInput, build_echo_graph, new_question
 from .graphs.echo import EchoGraph
 from .tools.listen import ListenCall
 from .verifier import Verdict
+
+if TYPE_CHECKING:  # imported lazily at run time: the OpenAI client is only needed for remote models
+    from .backends.openai import OpenAIOptions
 
 AudioInput = str | os.PathLike[str] | AudioRef
 DEFAULT_MODEL = "tiny-random-qwen2-audio"
