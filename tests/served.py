@@ -21,6 +21,8 @@ from echo_agent.backends.base import Generation, GenerationRequest
 
 _SCRIPT = Path(sys.executable).with_name("echo-agent")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "echo_agent.cli"]
+# Seconds. Generous: on a busy 2-core machine a niced test subprocess can be starved for minutes.
+SLOW = 300.0
 _LISTEN_RE = re.compile(r"listening on (http://\S+) ")
 
 
@@ -33,7 +35,7 @@ def serve_env(home: Path) -> dict[str, str]:
 class ServeProcess:
     """`echo-agent serve --port 0 ARGS` in a subprocess; `url` is read from its first line of output."""
 
-    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120.0) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], timeout: float = SLOW) -> None:
         self.proc = subprocess.Popen(
             [*CLI, "serve", "--host", "127.0.0.1", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -83,7 +85,7 @@ class ThreadServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + SLOW
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")

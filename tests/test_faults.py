@@ -31,7 +31,7 @@ from conftest import write_beeps
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import SecretStr
-from served import ServeProcess, ThreadServer, serve_env
+from served import SLOW, ServeProcess, ThreadServer, serve_env
 
 from echo_agent.agent import EchoAgent, load_backend
 from echo_agent.audio import AudioStore
@@ -73,7 +73,7 @@ class FaultProxy:
         self.url = self.server.url
 
     async def _forward(self, body: bytes, drop: bool) -> Response:
-        client = httpx.AsyncClient(timeout=60)
+        client = httpx.AsyncClient(timeout=SLOW)
         resp = await client.send(client.build_request("POST", f"{self.upstream}/v1/chat/completions", content=body),
                                  stream=True)  # fmt: skip
 
@@ -134,7 +134,8 @@ async def test_agent_retries_then_succeeds(
     direct = EchoAgent(OpenAIBackend(RAW, f"{upstream.url}/v1"), AudioStore(), FAST)
     expected = [e async for e in direct.astream(beeps_wav, "Beeps?")]
     proxy.plan, proxy.seen = list(plan), []
-    backend = backend_via(proxy, timeout=1.0, stream=stream)
+    # A short per-attempt timeout only where a stall must trip it.
+    backend = backend_via(proxy, timeout=1.0 if "stall" in plan else SLOW, stream=stream)
     started = time.monotonic()
     events = [e async for e in EchoAgent(backend, AudioStore(), FAST).astream(beeps_wav, "Beeps?")]
     # Every injected fault was met and retried; the answer is the one the real model gives directly.
@@ -185,7 +186,7 @@ def test_kill_9_mid_request_loses_nothing_that_completed(beeps_wav: Path, tmp_pa
     env = serve_env(tmp_path / "home")
     server = ServeProcess(args, env)
     try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=SLOW)
         question = [{"role": "user", "content": [_wav_b64(beeps_wav), {"type": "text", "text": "Q1?"}]}]
         first = client.chat.completions.create(
             model="echo-agent", messages=question, max_tokens=12, temperature=0,  # type: ignore[arg-type]
@@ -211,7 +212,7 @@ def test_kill_9_mid_request_loses_nothing_that_completed(beeps_wav: Path, tmp_pa
         after = httpx.get(f"{again.url}/api/threads/t-kill").json()
         assert after["turns"][0] == before["turns"][0] and after["clips"] == before["clips"]
         # The thread goes on: its clip comes back from the upload store, no audio resent.
-        client = openai.OpenAI(base_url=f"{again.url}/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"{again.url}/v1", api_key="x", max_retries=0, timeout=SLOW)
         third = client.chat.completions.create(
             model="echo-agent", messages=[{"role": "user", "content": "Q3?"}], max_tokens=12, temperature=0,
             extra_body={"echo": {"thread_id": "t-kill"}},
@@ -247,7 +248,7 @@ def _post(server: ThreadServer, body: Any, token: str | None = "s3cret", **kw: A
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if not isinstance(body, (bytes, Iterator)):
         body = json.dumps(body).encode()
-    return httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=SLOW, **kw)
 
 
 def _ask_url(url: str) -> dict[str, Any]:
@@ -321,7 +322,7 @@ def test_hostile_model_stays_within_the_listen_budget(tmp_path: Path, beeps_wav:
         cfg = AgentConfig(sampling=SamplingParams(max_new_tokens=64))
         app = create_app(backend, ServeConfig(model_name="hostile", data_dir=tmp_path, agent=cfg))
         with ThreadServer(app) as server:
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=SLOW)
             reply = client.chat.completions.create(
                 model="echo-agent",
                 messages=[{"role": "user", "content": [_wav_b64(beeps_wav), {"type": "text", "text": "?"}]}],

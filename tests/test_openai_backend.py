@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 from conftest import ECHO_CHOICES, ECHO_QUESTION
-from served import CLI, Recording, ServeProcess, serve_env
+from served import CLI, SLOW, Recording, ServeProcess, serve_env
 
 from echo_agent.agent import EchoAgent, load_backend
 from echo_agent.audio import AudioStore
@@ -167,7 +167,7 @@ def test_cli_ask_through_a_server(server: ServeProcess, echo_model: tuple[Path, 
     args = ["ask", str(echo_model[1]), ECHO_QUESTION, *[a for c in ECHO_CHOICES for a in ("--choice", c)]]
     out = subprocess.run(
         [*CLI, *args, "--model", spec, "--max-new-tokens", "120", "--json"],
-        capture_output=True, text=True, env=serve_env(tmp_path), timeout=120, check=False,
+        capture_output=True, text=True, env=serve_env(tmp_path), timeout=SLOW, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -175,7 +175,7 @@ def test_cli_ask_through_a_server(server: ServeProcess, echo_model: tuple[Path, 
     # A server that is not there: a one-line error, no traceback.
     bad = subprocess.run(
         [*CLI, *args, "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--max-new-tokens", "4"],
-        capture_output=True, text=True, env=serve_env(tmp_path), timeout=120, check=False,
+        capture_output=True, text=True, env=serve_env(tmp_path), timeout=SLOW, check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: http://127.0.0.1:9/v1"), bad.stderr
     assert "connection failed" in bad.stderr and "Traceback" not in bad.stderr

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
-from served import CLI, ThreadServer, serve_env
+from served import CLI, SLOW, ThreadServer, serve_env
 
 from echo_agent.agent import load_backend
 from echo_agent.config import AgentConfig, SamplingParams
@@ -55,7 +55,7 @@ def sse(resp: httpx.Response) -> list[Any]:
 
 
 def post(server: ThreadServer, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH, timeout=SLOW)
 
 
 def test_raw_model_stream_matches_the_plain_reply(server: ThreadServer, beeps_wav: Path) -> None:
@@ -104,7 +104,7 @@ async def test_several_clients_at_once(server: ThreadServer, beeps_wav: Path) ->
         assert r.status_code == 200, r.text
         return dict(r.json()["choices"][0]["message"]["echo"])
 
-    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=SLOW) as client:
         results = await asyncio.gather(*(ask(client, i) for i in range(6)))
     # Greedy decoding: the same question gets the same reasoning, whoever else is asking.
     assert len({r["reasoning"] for r in results[0::2]}) == 1 and len({r["reasoning"] for r in results[1::2]}) == 1
@@ -128,7 +128,7 @@ def test_threads_persist_in_the_chat_database(server: ThreadServer, beeps_wav: P
     # `echo-agent chat` resumes the very thread from the same SQLite file.
     out = subprocess.run(
         [*CLI, "chat", "--thread", "web-1", "--db", str(server.db), "--max-new-tokens", "4"],  # type: ignore[attr-defined]
-        input="/quit\n", capture_output=True, text=True, env=serve_env(tmp_path), timeout=120, check=False,
+        input="/quit\n", capture_output=True, text=True, env=serve_env(tmp_path), timeout=SLOW, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "you: [audio]First?" in " ".join(out.stdout.split()) and "Second?" in out.stdout
@@ -177,5 +177,5 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
         (["--model", "openai:m"], "no server"),
     ):
         out = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True,
-                             env=serve_env(tmp_path), timeout=120, check=False)  # fmt: skip
+                             env=serve_env(tmp_path), timeout=SLOW, check=False)  # fmt: skip
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

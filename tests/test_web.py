@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ECHO_CHOICES, ECHO_QUESTION
-from served import ThreadServer
+from served import SLOW, ThreadServer
 
 from echo_agent.backends.transformers import TransformersBackend
 from echo_agent.config import AgentConfig, SamplingParams
@@ -46,6 +46,8 @@ def test_upload_ask_watch_the_span_and_reload_the_thread(
                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # fmt: skip
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=flags)
         page = browser.new_page(viewport={"width": 1280, "height": 820})
+        page.set_default_timeout(SLOW * 1000)  # a busy machine can starve the browser and the server
+        sync_api.expect.set_options(timeout=SLOW * 1000)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(server.url)
@@ -55,7 +57,7 @@ def test_upload_ask_watch_the_span_and_reload_the_thread(
         page.fill("#choices", " | ".join(ECHO_CHOICES))
         page.click("#ask")
         answer = page.locator(".turn .answer b")
-        sync_api.expect(answer).to_have_text("4", timeout=60_000)
+        sync_api.expect(answer).to_have_text("4", timeout=SLOW * 1000)
         # The reasoning streamed in, with the re-listened span as a playable chip and a highlight.
         assert "<seg>2.0, 3.0</seg>" in page.locator(".turn .reasoning").inner_text()
         chips = page.locator(".span-chip")
