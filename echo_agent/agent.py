@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -28,8 +28,12 @@ from .graphs.echo import EchoGraph
 from .tools.listen import ListenCall
 from .verifier import Verdict
 
+if TYPE_CHECKING:  # imported lazily at run time: the OpenAI client is only needed for remote models
+    from .backends.openai import OpenAIOptions
+
 AudioInput = str | os.PathLike[str] | AudioRef
 DEFAULT_MODEL = "tiny-random-qwen2-audio"
+OPENAI_PREFIX = "openai:"
 TINY_MODELS = ("tiny-random-qwen2-audio", "tiny-random-qwen2.5-omni")
 # The shipped echo-tiny weights (package data), loadable by name.
 ECHO_TINY_DIR = Path(__file__).parent / "assets" / "echo-tiny"
@@ -60,9 +64,20 @@ class Result(BaseModel):
         )
 
 
-def load_backend(model: str | None = None) -> ModelBackend:
-    """A backend by name: a tiny random built-in model, or a local transformers model directory."""
+def load_backend(
+    model: str | None = None, *, base_url: str | None = None, api_key_env: str | None = None,
+    openai_options: OpenAIOptions | None = None,
+) -> ModelBackend:  # fmt: skip
+    """A backend by name: a tiny random built-in model, a local transformers model directory, or a model
+    behind an OpenAI-compatible server, written `openai:MODEL@http://HOST:PORT/v1` (or `openai:MODEL`
+    with `base_url`). The server's API key comes from the variable `api_key_env` names, else
+    $ECHO_API_KEY, else $OPENAI_API_KEY."""
     name = model or DEFAULT_MODEL
+    if name.startswith(OPENAI_PREFIX) or base_url is not None:
+        from .backends.openai import OpenAIBackend, api_key_from_env, parse_spec
+
+        remote, url = parse_spec(name, base_url)
+        return OpenAIBackend(remote, url, api_key=api_key_from_env(api_key_env), options=openai_options)
     path = ECHO_TINY_DIR if name == "echo-tiny" else Path(name)
     if name not in TINY_MODELS and not path.exists():  # fail before the slow transformers import
         raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")

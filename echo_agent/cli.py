@@ -40,11 +40,48 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory or built-in name (default: %(default)s → built-in)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory, built-in name, or openai:MODEL@http://HOST:PORT/v1 for a model behind an "
+        "OpenAI-compatible server such as vLLM (default: the built-in tiny random model)",
+    )
+    p.add_argument(
+        "--base-url", default=None, help="OpenAI-compatible server for --model MODEL (same as openai:MODEL@URL)"
+    )
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        metavar="VAR",
+        help="environment variable holding that server's API key (default: ECHO_API_KEY, then OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--audio-format",
+        choices=["input_audio", "audio_url"],
+        default="input_audio",
+        help="how audio is sent to an OpenAI-compatible server: input_audio parts, or vLLM's audio_url data: URLs",
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="per attempt of each call to an OpenAI-compatible server (failed attempts are retried)",
+    )  # fmt: skip
     p.add_argument("--protocol", choices=["seg", "function"], default="seg", help="how the model asks to re-listen")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per generate call")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    from .agent import load_backend
+
+    options = None
+    if args.base_url is not None or (args.model or "").startswith("openai:"):
+        from .backends.openai import OpenAIOptions
+
+        if args.request_timeout <= 0:
+            raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
+        options = OpenAIOptions(audio_format=args.audio_format, timeout=args.request_timeout)
+    return load_backend(args.model, base_url=args.base_url, api_key_env=args.api_key_env, openai_options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
                        ("kl-coef", float), ("eval-every", int), ("seed", int)):  # fmt: skip
         grpo.add_argument(f"--{name}", type=kind, default=None)
     grpo.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server for the model and the agent, with a web chat page"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default: %(default)s)")
+    serve.add_argument(
+        "--db", default=None, help="SQLite chat threads, shared with `chat` (default: $ECHO_AGENT_HOME/chat.sqlite)"
+    )
+    serve.add_argument("--data-dir", default=None, help="uploaded clips (default: $ECHO_AGENT_HOME/serve)")
+    serve.add_argument(
+        "--allow-file-dir", action="append", default=[], metavar="DIR",
+        help="allow file:// audio URLs below DIR (repeat); none by default",
+    )  # fmt: skip
+    serve.add_argument("--auth-token-env", default=None, metavar="VAR",
+                       help="require `Authorization: Bearer $VAR` (default: no auth)")  # fmt: skip
+    serve.add_argument("--max-request-mb", type=float, default=32.0, help="larger request bodies get 413")
+    serve.add_argument("--max-audio-seconds", type=float, default=600.0, help="longer clips get 400")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_args(serve)
     return parser
 
 
@@ -172,10 +229,10 @@ async def _ask(args: argparse.Namespace) -> int:
     store = AudioStore()
     ref = store.load(args.audio)
 
-    from .agent import EchoAgent, load_backend
+    from .agent import EchoAgent
 
     console = Console(highlight=False)
-    agent = EchoAgent(load_backend(args.model), store, config=config)
+    agent = EchoAgent(_backend(args), store, config=config)
     printer = _Printer(console)
     result: dict[str, Any] = {}
     async for event in agent.astream(ref, args.question, args.choice or None):
@@ -212,7 +269,7 @@ async def _chat(args: argparse.Namespace) -> int:
 
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
-    from .agent import EchoAgent, load_backend
+    from .agent import EchoAgent
     from .messages import message_text
 
     console = Console(highlight=False)
@@ -223,7 +280,7 @@ async def _chat(args: argparse.Namespace) -> int:
     async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
         if not args.audio and await saver.aget_tuple(config) is None:  # fail before loading the model
             raise EchoError(NO_AUDIO)
-        agent = EchoAgent(load_backend(args.model), store, config=agent_config, checkpointer=saver)
+        agent = EchoAgent(_backend(args), store, config=agent_config, checkpointer=saver)
         snapshot = await agent.graph.aget_state(config)
         state: dict[str, Any] = dict(snapshot.values) if snapshot and snapshot.values else {}
         clips: dict[str, dict[str, Any]] = dict(state.get("clips", {}))
@@ -283,6 +340,42 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
+    from .serve import ServeConfig
+
+    config = _agent_config(args)
+    token = None
+    if args.auth_token_env is not None:
+        token = os.environ.get(args.auth_token_env)
+        if not token:
+            raise ConfigError(f"--auth-token-env {args.auth_token_env}: the environment variable is not set")
+    for d in args.allow_file_dir:
+        if not Path(d).is_dir():
+            raise ConfigError(f"--allow-file-dir {d}: not a directory")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    try:
+        serve_config = ServeConfig(
+            model_name=(args.model or "tiny-random-qwen2-audio").removeprefix("openai:").split("@http")[0],
+            api_token=SecretStr(token) if token else None,
+            allow_file_dirs=[Path(d) for d in args.allow_file_dir],
+            max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+            max_audio_seconds=args.max_audio_seconds,
+            data_dir=Path(args.data_dir) if args.data_dir else _home() / "serve",
+            db=Path(args.db) if args.db else _home() / "chat.sqlite",
+            agent=config,
+        )
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in err.errors())) from None
+
+    from .serve.run import run
+
+    run(_backend(args), serve_config, args.host, args.port, args.log_level)
+    return 0
+
+
 async def _eval(args: argparse.Namespace) -> int:
     from .training.eval import check_out, evaluate, load_benchmark
 
@@ -297,9 +390,9 @@ async def _eval(args: argparse.Namespace) -> int:
     if out is not None:
         check_out(out, items)
 
-    from .agent import EchoAgent, load_backend
+    from .agent import EchoAgent
 
-    agent = EchoAgent(load_backend(args.model), config=config)
+    agent = EchoAgent(_backend(args), config=config)
     report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
 
     from rich.table import Table
@@ -446,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train_grpo(args)
         if args.command == "train" and args.train_command == "sft":
             return _train_sft(args)
+        if args.command == "serve":
+            return _serve(args)
     except EchoError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,11 +5,13 @@ output keys (`answer`, `choice`, `verdict`, `listens`, `reasoning`, `status`) ar
 written to the parent's state by name; it never touches a parent's `messages`.
 
     python examples/subgraph.py clip.wav "How many beeps are there?" 2 3 4
+    ECHO_MODEL=openai:Qwen/Qwen2-Audio-7B-Instruct@http://localhost:8000/v1 python examples/subgraph.py ...
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -60,7 +62,7 @@ async def _main(argv: list[str]) -> None:
     from echo_agent.agent import load_backend
 
     audio, question, *choices = argv
-    pipeline = build_pipeline(load_backend(), AudioStore())
+    pipeline = build_pipeline(load_backend(os.environ.get("ECHO_MODEL")), AudioStore())  # any backend, remote too
     out = await pipeline.ainvoke({"audio_path": audio, "question": question, "choices": choices})
     print(out["report"])
 
