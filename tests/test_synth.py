@@ -27,9 +27,9 @@ LEADS = {
     "count": r"I count the beeps in the window\.",
     "identify": r"I check the sound at (\d+\.\d) s\.",
     "pitch": r"I compare the beeps at (\d+\.\d) s and (\d+\.\d) s\.",
-    "locate": r"I check the time ranges in the listed order\.",
-    "order": r"I scan the clip in 10-second windows\.",
-    "duration": r"I scan the clip in 10-second windows\.",
+    "locate": r"I look for the [a-z ]+ in the time ranges, in the listed order\.",
+    "order": r"I look for the [a-z ]+ and the [a-z ]+ in 10-second windows\.",
+    "duration": r"I look for the chord in 10-second windows\.",
 }
 
 

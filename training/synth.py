@@ -472,7 +472,8 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     found = f" both are here, the {answer} comes first." if _window_of(second) == last else f" the {answer} is here."
     steps, evidence = _scan(tl.n, last, found, " neither is here.")
     steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
-    trace = _trace("I scan the clip in 10-second windows.", steps, answer)
+    # The lead restates what to look for, so later steps copy it from nearby text, not from the question.
+    trace = _trace(f"I look for the {x} and the {y} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
 
@@ -553,7 +554,7 @@ def _build_locate(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int 
     spans = [(float(c), float(d)) for c, d in (re.findall(r"\d+\.\d", x) for x in choices[: pos + 1])]
     steps = [(c, d, _heard(tl, c, d) + (f" no {kind} here." if k < pos else f" the {kind} is here."))
              for k, (c, d) in enumerate(spans)]  # fmt: skip
-    trace = _trace("I check the time ranges in the listed order.", steps, answer)
+    trace = _trace(f"I look for the {kind} in the time ranges, in the listed order.", steps, answer)
     return question, choices, answer, [[a, b]], trace
 
 
@@ -571,7 +572,7 @@ def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     found = f" the {kind} is here; it lasts about {value:.1f} s."
     steps, evidence = _scan(tl.n, _window_of(ev), found, f" no {kind} here.")
     steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
-    trace = _trace("I scan the clip in 10-second windows.", steps, answer)
+    trace = _trace(f"I look for the {kind} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
 
