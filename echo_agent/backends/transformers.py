@@ -304,7 +304,9 @@ class _DeltaStreamer:
 
 
 class TransformersBackend:
-    """Runs one transformers audio LLM. Calls are serialised on a lock (batching comes with `collect`)."""
+    """Runs one transformers audio LLM, one request at a time (calls are serialised on a lock).
+
+    For many concurrent runs sharing the model, wrap it in `echo_agent.backends.batching.BatchingBackend`."""
 
     def __init__(
         self,
@@ -402,6 +404,13 @@ class TransformersBackend:
         if not greedy:
             logits = logits / s.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
+        return self.to_generation(request, prompt, new_ids, logprobs.tolist())
+
+    def to_generation(
+        self, request: GenerationRequest, prompt: EncodedPrompt, new_ids: list[int], logprobs: list[float]
+    ) -> Generation:
+        """The `Generation` for sampled ids: decoded text, finish reason, tool calls. Shared with the batcher
+        (`echo_agent.backends.batching`) so batched and single calls report alike."""
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish: FinishReason = "length"
         stop_string: str | None = None
@@ -418,7 +427,7 @@ class TransformersBackend:
         if tool_calls:
             finish = "tool_calls"
         return Generation(
-            text=text, token_ids=new_ids, logprobs=logprobs.tolist(), finish_reason=finish,
+            text=text, token_ids=new_ids, logprobs=logprobs, finish_reason=finish,
             stop_string=stop_string, stop_string_in_text=True, tool_calls=tool_calls, prompt_ids=list(prompt.input_ids),
         )  # fmt: skip
 
