@@ -72,8 +72,10 @@ def _requests(audio: list[AudioResolver], sampling: list[SamplingParams], stops:
         ]
         if i == 2:  # a partial assistant turn with a re-listened slice, continued in place
             msgs.append(
-                {"role": "assistant", "content": [text_part("<think>a beep <seg>1.0, 2.0</seg>", "model"),
-                                                  audio_part("main", 1.0, 2.0)]}  # fmt: skip
+                {
+                    "role": "assistant",
+                    "content": [text_part("<think>a beep <seg>1.0, 2.0</seg>", "model"), audio_part("main", 1.0, 2.0)],
+                }
             )
         out.append((GenerationRequest(messages=msgs, continue_final=i == 2, stop=stop, sampling=s), audio[i]))
     return out

@@ -45,7 +45,7 @@ from ..audio import AudioRef, AudioStore
 from ..backends.base import AudioResolver, GenerationRequest
 from ..backends.transformers import EncodedAudio, PromptEncoder
 from ..errors import ConfigError, EchoError
-from ..graphs import new_question
+from ..graphs import EchoInput, new_question
 from ..messages import Message, audio_part
 from ..tools.listen import ListenCall
 from ..verifier import RewardTerms, Verdict
@@ -152,8 +152,9 @@ def config_hash(agent: EchoAgent, seed: int) -> str:
 
 def _spans(messages: Sequence[Message], clips: dict[str, AudioRef]) -> list[AudioSpan]:
     return [
-        AudioSpan(clip=p["clip"], sha256=clips[p["clip"]].sha256, path=clips[p["clip"]].path,
-                  start=p["start"], end=p["end"])  # fmt: skip
+        AudioSpan(
+            clip=p["clip"], sha256=clips[p["clip"]].sha256, path=clips[p["clip"]].path, start=p["start"], end=p["end"]
+        )
         for m in messages
         for p in m["content"]
         if p["type"] == "audio"
@@ -309,10 +310,10 @@ def _open_out(path: Path, chash: str) -> tuple[dict[str, Trajectory], IO[bytes]]
 # -------------------------------------------------------------------------------------------- collection
 
 
-async def _run_graph(agent: EchoAgent, inputs: dict[str, Any]) -> dict[str, Any]:
+async def _run_graph(agent: EchoAgent, inputs: EchoInput) -> dict[str, Any]:
     """Run the graph; return its full final state (its output schema leaves out the conversation)."""
-    state = dict(inputs)
-    async for chunk in agent.graph.astream(inputs, stream_mode="updates"):  # type: ignore[arg-type]
+    state: dict[str, Any] = dict(inputs)
+    async for chunk in agent.graph.astream(inputs, stream_mode="updates"):
         for update in chunk.values():
             if update:
                 state.update(update)
@@ -333,7 +334,7 @@ async def _run_one(
     try:
         ref = await asyncio.to_thread(agent.load, item.audio)
         inputs = new_question(item.question, {"main": ref.model_dump()}, item.choices, item.answer, seed=s)
-        state = await _run_graph(agent, dict(inputs))
+        state = await _run_graph(agent, inputs)
         clips = {cid: AudioRef.model_validate(r) for cid, r in state["clips"].items()}
         conversation: list[Message] = state["conversation"]
         tokens = token_data(encoder, conversation, state["question_start"], AudioResolver(agent.store, clips))

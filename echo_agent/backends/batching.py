@@ -24,7 +24,7 @@ import asyncio
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -40,6 +40,9 @@ from .base import AudioResolver, DeltaCallback, Generation, GenerationRequest
 from .transformers import EncodedAudio, EncodedPrompt, TransformersBackend, collate_audio_features
 
 __all__ = ["BatchingBackend", "generate_batch"]
+
+# A stop string ends in the last token; a window this long covers the longest stop string token by token.
+_STOP_WINDOW = 64
 
 
 @dataclass
@@ -104,7 +107,9 @@ def _positions(family: str, pos: torch.Tensor) -> torch.Tensor:
     return pos.unsqueeze(0).expand(3, -1, -1) if family == "qwen2_5_omni" else pos
 
 
-def generate_batch(backend: TransformersBackend, items: Sequence[tuple[GenerationRequest, EncodedPrompt]]) -> list[Generation]:
+def generate_batch(
+    backend: TransformersBackend, items: Sequence[tuple[GenerationRequest, EncodedPrompt]]
+) -> list[Generation]:
     """Decode several encoded requests together on `backend.model`; one `Generation` per item, in order."""
     if not items:
         return []
@@ -168,7 +173,7 @@ def generate_batch(backend: TransformersBackend, items: Sequence[tuple[Generatio
 def _step(backend: TransformersBackend, row: _Row, logits: torch.Tensor) -> bool:
     """Choose one row's next token from its logits `(1, V)`; return whether the row goes on."""
     s = row.request.sampling
-    ids = torch.tensor([row.ids], device=logits.device)
+    ids = cast(torch.LongTensor, torch.tensor([row.ids], device=logits.device))
     scores = row.processors(ids, logits)
     if row.generator is None:
         token = int(torch.argmax(scores, dim=-1))
@@ -186,10 +191,6 @@ def _step(backend: TransformersBackend, row: _Row, logits: torch.Tensor) -> bool
         if bool(row.stop(tail, logits)[0]):
             return False
     return True
-
-
-# A stop string ends in the last token; a window this long covers the longest stop string token by token.
-_STOP_WINDOW = 64
 
 
 @dataclass
