@@ -328,6 +328,10 @@ class TransformersBackend:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos: set[int] = set(eos if isinstance(eos, list) else [eos])
+        # Audio placeholder tokens are never sampled: the model cannot write audio, and a sampled <|AUDIO|> would
+        # be read as an audio slot on the next call (a random or weak model does sample them).
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")]
+        self.never_ids: list[int] = [i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id]
 
     @property
     def name(self) -> str:
@@ -389,8 +393,9 @@ class TransformersBackend:
             gen_kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
         if request.stop:
             gen_kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
-        if request.suppress:
-            gen_kwargs["bad_words_ids"] = [self._encode_text(w) for w in request.suppress]
+        bad = [self._encode_text(w) for w in request.suppress] + [[i] for i in self.never_ids]
+        if bad:
+            gen_kwargs["bad_words_ids"] = bad
         if streamer is not None:
             gen_kwargs["streamer"] = streamer
         with self._lock, torch.inference_mode():
