@@ -118,6 +118,10 @@ class _GrowingLayer(DynamicLayer):
     concatenating: `DynamicLayer` copies the whole cache at every step, which for a wide batch costs more than
     the step's compute. `keys` and `values` stay views of the filled part, as the attention code expects."""
 
+    _k: torch.Tensor
+    _v: torch.Tensor
+    filled: int = 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.filled = 0
@@ -150,7 +154,7 @@ class _GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k, self._v
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.assign(self.keys[indices], self.values[indices])
+        self.assign(self._k[indices, :, : self.filled], self._v[indices, :, : self.filled])
 
 
 def _new_cache(model: Any) -> Any:
