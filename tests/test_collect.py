@@ -239,15 +239,23 @@ def _start(data: Path, out: Path) -> subprocess.Popen[bytes]:
     cmd = [*CLI, "collect", str(data), "--samples", "3", "--out", str(out), "--model", RANDOM_MODEL,
            "--max-new-tokens", str(SAMPLING.max_new_tokens), "--concurrency", "2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr (the progress bar) goes to a file: an unread pipe could fill up and stall the run.
+    with open(out.with_suffix(".log"), "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _kill_after(proc: subprocess.Popen[bytes], out: Path, lines: int, timeout: float = 90.0) -> None:
+def _log(out: Path) -> str:
+    return out.with_suffix(".log").read_text(errors="replace")[-2000:]
+
+
+def _kill_after(proc: subprocess.Popen[bytes], out: Path, lines: int, timeout: float = 600.0) -> None:
+    """SIGKILL `proc` as soon as `out` has `lines` lines (the deadline only bounds a stuck run)."""
     deadline = time.monotonic() + timeout
     while _lines(out) < lines and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before writing {lines} lines: {_log(out)}"
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
 
 
 def test_sigkill_mid_run_then_rerun_leaves_every_key_exactly_once(suite: Path, tmp_path: Path) -> None:
@@ -260,8 +268,8 @@ def test_sigkill_mid_run_then_rerun_leaves_every_key_exactly_once(suite: Path, t
     run = _start(suite, out)
     _kill_after(run, out, killed_at + 2)  # killed again, mid-way through the resumed run
     run = _start(suite, out)
-    _, err = run.communicate(timeout=180)
-    assert run.returncode == 0, err.decode()[-2000:]
+    run.wait(timeout=600)
+    assert run.returncode == 0, _log(out)
 
     ids = [json.loads(line)["id"] for line in out.read_bytes().splitlines()]  # every line whole JSON
     assert out.read_bytes().endswith(b"\n")
