@@ -12,9 +12,9 @@ Why a step loop rather than one batched `model.generate`: `generate` samples eve
 stops rows only on shared criteria, so per-request seeds (determinism per (item, sample) in `collect`) and
 per-request stop strings and budgets are not possible with it.
 
-Each row reproduces the single-request path: the same logits processors as `generate` builds for our sampling
-parameters (bad words, then temperature, top-k, top-p), the same `StopStringCriteria`, and sampling with
-`torch.multinomial` from the request's own seed. So a greedy row yields the same tokens as
+Each row reproduces the single-request path: the same logits processing as `generate` applies for our sampling
+parameters (bad words, temperature, top-k, top-p), the same `StopStringCriteria`, and the same draws as
+`torch.multinomial` from a generator seeded with the request's seed. So a greedy row yields the same tokens as
 `TransformersBackend.generate`, and so does a seeded sampled row, up to floating-point effects of batch shape
 (a different matmul blocking can move a logit in its last bits; ties that close are vanishingly rare).
 """
@@ -37,7 +37,6 @@ from transformers import (
     LogitsProcessorList,
     NoBadWordsLogitsProcessor,
     StopStringCriteria,
-    TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -88,9 +87,7 @@ def _row(backend: TransformersBackend, request: GenerationRequest, prompt: Encod
         bad = [backend.encoder.encode_text(w) for w in request.suppress]
         processors.append(NoBadWordsLogitsProcessor(bad, eos_token_id=sorted(backend._eos)))
     generator: torch.Generator | None = None
-    if s.temperature > 0:
-        if s.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(s.temperature))
+    if s.temperature > 0:  # temperature itself is applied to all rows at once (`_choose`)
         if s.top_k:
             processors.append(TopKLogitsWarper(top_k=s.top_k))
         if s.top_p < 1.0:
@@ -285,30 +282,32 @@ class _Decoder:
 
 def _choose(rows: list[_Row], logits: torch.Tensor, never: list[int]) -> list[int]:
     """Pick each row's next token from its raw logits `(n, V)` and record it with its log-prob."""
-    # Log-probs under the distribution sampled from, before truncation (as the single path reports them).
     temps = torch.tensor([r.request.sampling.temperature if r.generator is not None else 1.0 for r in rows])
-    logprobs = torch.log_softmax(logits / temps.to(logits.device).unsqueeze(-1), dim=-1)
+    scores = logits / temps.to(logits.device).unsqueeze(-1)  # `TemperatureLogitsWarper` for every row at once
+    # Log-probs under the distribution sampled from, before truncation (as the single path reports them).
+    logprobs = torch.log_softmax(scores, dim=-1)
     if never:  # the single path's single-token bad words (`NoBadWordsLogitsProcessor` sets them to -inf)
-        logits = logits.clone()
-        logits[:, never] = -float("inf")
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    tokens: list[int] = []
-    for b, row in enumerate(rows):
-        scores = logits[b : b + 1]
+        scores[:, never] = -float("inf")
+    for b, row in enumerate(rows):  # the other processors (suppressed strings, top-k, top-p), row by row
         if len(row.processors):
             ids = cast(torch.LongTensor, torch.tensor([row.ids], device=logits.device))
-            scores = row.processors(ids, scores)
-        if row.generator is not None:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=row.generator))
-        elif len(row.processors):
-            token = int(torch.argmax(scores, dim=-1))
-        else:
-            token = int(greedy[b])
-        tokens.append(token)
+            scores[b : b + 1] = row.processors(ids, scores[b : b + 1])
+    tokens = torch.argmax(scores, dim=-1)
+    sampled = [b for b, row in enumerate(rows) if row.generator is not None]
+    if sampled:
+        # `torch.multinomial(p, 1, generator=g)` is argmax(p / q) with q ~ Exp(1) drawn from g (ATen's one-sample
+        # path): the same draws per row, with one softmax and one argmax for all sampled rows.
+        probs = torch.softmax(scores[sampled], dim=-1)
+        q = torch.empty_like(probs)
+        for i, b in enumerate(sampled):
+            q[i].exponential_(1, generator=rows[b].generator)
+        tokens[sampled] = torch.argmax(probs / q, dim=-1)
+    out: list[int] = tokens.tolist()
+    for b, (row, token) in enumerate(zip(rows, out, strict=True)):
         row.logprobs.append(float(logprobs[b, token]))
         row.new_ids.append(token)
         row.ids.append(token)
-    return tokens
+    return out
 
 
 def _stopped(rows: list[_Row]) -> list[bool]:
