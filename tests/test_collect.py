@@ -281,3 +281,23 @@ def test_sigkill_mid_run_then_rerun_leaves_every_key_exactly_once(suite: Path, t
     got, want = read_trajectories(out)[0], read_trajectories(clean)[0]
     assert {k: t.response_ids for k, t in got.items()} == {k: t.response_ids for k, t in want.items()}
     assert {t.config_hash for t in got.values()} == {t.config_hash for t in want.values()}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--samples", "2", "--concurrency", "0"], "--concurrency must be >= 1"),
+        (["--samples", "2", "--protocol", "function"], "seg-tag protocol"),
+        (["--samples", "2", "--limit", "0"], "--limit must be >= 1"),
+    ],
+)
+def test_collect_rejects_bad_arguments_before_loading_a_model(
+    suite: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    from echo_agent.cli import main
+
+    assert main(["collect", str(suite), "--out", str(tmp_path / "t.jsonl"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "t.jsonl").exists()
