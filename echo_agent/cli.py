@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (default: %(default)s)")
     _add_model_args(ev)
 
+    col = sub.add_parser("collect", help="record K trajectories per item for RL (resumable JSON lines)")
+    col.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
+    col.add_argument("--samples", type=int, required=True, help="trajectories per item (K)")
+    col.add_argument("--out", required=True, help="trajectories file (JSON lines); a rerun resumes it")
+    col.add_argument("--mode", choices=["interleaved", "grounded", "text"], default="interleaved")
+    col.add_argument("--limit", type=int, default=None, help="only the first N items")
+    col.add_argument("--concurrency", type=int, default=16, help="graph runs in flight (default: %(default)s)")
+    col.add_argument("--max-batch", type=int, default=32, help="generate requests decoded together (default: 32)")
+    col.add_argument("--parquet", default=None, help="also export the whole file to this Parquet file")
+    _add_model_args(col)
+    col.set_defaults(temperature=1.0)  # RL samples; 0 would make the K samples identical
+
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="write the synthetic audio-puzzle suite (MMAU format)")
@@ -422,6 +434,54 @@ async def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _collect(args: argparse.Namespace) -> int:
+    from .training.collect import collect, export_parquet
+    from .training.eval import load_benchmark
+
+    # Validate the arguments and the data before loading anything heavy (the model).
+    for name in ("samples", "concurrency", "max_batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.protocol != "seg":
+        raise ConfigError("collect records the seg-tag protocol; drop --protocol function")
+    config = _agent_config(args)
+    items = load_benchmark(args.data)
+    out = Path(args.out)
+    if out.resolve() == Path(args.data).resolve():
+        raise ConfigError(f"--out {out} would overwrite the data file")
+    if args.parquet is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise ConfigError("--parquet needs pyarrow: pip install 'echo-agent[export]'")
+
+    from .agent import EchoAgent, load_backend
+    from .backends.batching import BatchingBackend
+    from .backends.transformers import TransformersBackend
+
+    backend = load_backend(args.model)
+    if not isinstance(backend, TransformersBackend):
+        raise ConfigError("collect needs a local transformers model")
+    agent = EchoAgent(BatchingBackend(backend, max_batch=args.max_batch), config=config)
+    summary = await collect(
+        agent, items, samples=args.samples, out=out, seed=args.seed, limit=args.limit,
+        concurrency=args.concurrency, progress=True,
+    )  # fmt: skip
+    console = Console(highlight=False, stderr=True)
+    console.print(
+        f"{summary.written} trajectories written ({summary.done_before} already there, {summary.errors} errors) · "
+        f"mean reward {summary.mean_reward:.3f} · re-listened {100 * summary.relisten_share:.1f}% · "
+        f"{summary.trajectories_per_s:.2f} trajectories/s"
+    )
+    if args.parquet is not None:
+        rows = export_parquet(out, Path(args.parquet))
+        console.print(f"parquet: {escape(args.parquet)} ({rows} rows)")
+    print(summary.model_dump_json(indent=2))
+    return 0
+
+
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -531,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_chat(args))
         if args.command == "eval":
             return asyncio.run(_eval(args))
+        if args.command == "collect":
+            return asyncio.run(_collect(args))
         if args.command == "data" and args.data_command == "synth":
             return _data_synth(args)
         if args.command == "train" and args.train_command == "audio":

@@ -131,8 +131,11 @@ def build_echo_graph(
     async def model(state: EchoState) -> dict[str, Any]:
         writer = get_stream_writer()
         sampling = cfg.sampling
-        if sampling.seed is not None:  # a distinct, reproducible seed for every call of a question
-            sampling = sampling.model_copy(update={"seed": sampling.seed + state["model_calls"]})
+        seed = state.get("seed")
+        if seed is None:
+            seed = sampling.seed
+        if seed is not None:  # a distinct, reproducible seed for every call of a question
+            sampling = sampling.model_copy(update={"seed": seed + state["model_calls"]})
         request = GenerationRequest(
             messages=state["conversation"],
             continue_final=protocol.continues_turn(state["open_turn"]),

@@ -27,6 +27,9 @@ class EchoInput(TypedDict):
     choices: NotRequired[list[str]]
     gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
     active_clip: NotRequired[str | None]  # which clip plain <seg> tags refer to; None: the newest
+    # Sampling seed of this question (call i samples with seed + i); None: the config's. `collect` sets it
+    # per (item, sample) so one compiled graph serves every run and a rerun samples the same trajectory.
+    seed: NotRequired[int | None]
 
 
 class EchoOutput(TypedDict):
@@ -61,6 +64,7 @@ def new_question(
     choices: list[str] | None = None,
     gold: str | None = None,
     active_clip: str | None = None,
+    seed: int | None = None,
 ) -> EchoInput:
     """Build a graph input. `clips` may be omitted in a chat thread that already has them."""
     # Every per-question key is always set: in a chat thread, absent keys would keep the last question's values.
@@ -70,4 +74,5 @@ def new_question(
         "choices": list(choices or []),
         "gold": gold,
         "active_clip": active_clip,
+        "seed": seed,
     }

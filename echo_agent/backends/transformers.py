@@ -304,7 +304,9 @@ class _DeltaStreamer:
 
 
 class TransformersBackend:
-    """Runs one transformers audio LLM. Calls are serialised on a lock (batching comes with `collect`)."""
+    """Runs one transformers audio LLM, one request at a time (calls are serialised on a lock).
+
+    For many concurrent runs sharing the model, wrap it in `echo_agent.backends.batching.BatchingBackend`."""
 
     def __init__(
         self,
@@ -326,6 +328,10 @@ class TransformersBackend:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos: set[int] = set(eos if isinstance(eos, list) else [eos])
+        # Audio placeholder tokens are never sampled: the model cannot write audio, and a sampled <|AUDIO|> would
+        # be read as an audio slot on the next call (a random or weak model does sample them).
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")]
+        self.never_ids: list[int] = [i for i in ids if isinstance(i, int) and i != self.tokenizer.unk_token_id]
 
     @property
     def name(self) -> str:
@@ -387,8 +393,9 @@ class TransformersBackend:
             gen_kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
         if request.stop:
             gen_kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
-        if request.suppress:
-            gen_kwargs["bad_words_ids"] = [self._encode_text(w) for w in request.suppress]
+        bad = [self._encode_text(w) for w in request.suppress] + [[i] for i in self.never_ids]
+        if bad:
+            gen_kwargs["bad_words_ids"] = bad
         if streamer is not None:
             gen_kwargs["streamer"] = streamer
         with self._lock, torch.inference_mode():
@@ -402,6 +409,13 @@ class TransformersBackend:
         if not greedy:
             logits = logits / s.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
+        return self.to_generation(request, prompt, new_ids, logprobs.tolist())
+
+    def to_generation(
+        self, request: GenerationRequest, prompt: EncodedPrompt, new_ids: list[int], logprobs: list[float]
+    ) -> Generation:
+        """The `Generation` for sampled ids: decoded text, finish reason, tool calls. Shared with the batcher
+        (`echo_agent.backends.batching`) so batched and single calls report alike."""
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish: FinishReason = "length"
         stop_string: str | None = None
@@ -418,7 +432,7 @@ class TransformersBackend:
         if tool_calls:
             finish = "tool_calls"
         return Generation(
-            text=text, token_ids=new_ids, logprobs=logprobs.tolist(), finish_reason=finish,
+            text=text, token_ids=new_ids, logprobs=logprobs, finish_reason=finish,
             stop_string=stop_string, stop_string_in_text=True, tool_calls=tool_calls, prompt_ids=list(prompt.input_ids),
         )  # fmt: skip
 

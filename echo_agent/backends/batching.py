@@ -1,0 +1,476 @@
+"""Batched generation for a local transformers model shared by many concurrent graph runs.
+
+`BatchingBackend` sits in front of a `TransformersBackend` and decodes the generate requests of all the graph
+runs in flight together, continuously: one decoder thread steps a batch of rows with a shared KV cache; a request
+that arrives while it runs is prefilled (left-padded with the other newcomers) and joins the batch at the next
+step, and a row that finishes leaves the batch and is answered at once, so its graph run can go on (listen,
+verify, ask again) while the others decode. Each request keeps its own stop strings, token budget, suppressed
+strings and sampling seed, and gets back exactly its own token ids and log-probs. `generate_batch` runs the same
+decoder over a fixed list of requests.
+
+Why a step loop rather than one batched `model.generate`: `generate` samples every row from one global RNG and
+stops rows only on shared criteria, so per-request seeds (determinism per (item, sample) in `collect`) and
+per-request stop strings and budgets are not possible with it.
+
+Each row reproduces the single-request path: the same logits processing as `generate` applies for our sampling
+parameters (bad words, temperature, top-k, top-p), the same `StopStringCriteria`, and the same draws as
+`torch.multinomial` from a generator seeded with the request's seed. So a greedy row yields the same tokens as
+`TransformersBackend.generate`, and so does a seeded sampled row, up to floating-point effects of batch shape
+(a different matmul blocking can move a logit in its last bits; ties that close are vanishingly rare).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    DynamicCache,
+    DynamicLayer,
+    LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
+    StopStringCriteria,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .base import AudioResolver, DeltaCallback, Generation, GenerationRequest
+from .transformers import EncodedAudio, EncodedPrompt, TransformersBackend, collate_audio_features
+
+__all__ = ["BatchingBackend", "generate_batch"]
+
+# A stop string ends in the last token; a window this long covers the longest stop string token by token.
+_STOP_WINDOW = 64
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    prompt: EncodedPrompt
+    processors: LogitsProcessorList  # empty for plain greedy or temperature-1 sampling (the fast path)
+    stop: StopStringCriteria | None
+    generator: torch.Generator | None  # None: greedy
+    ids: list[int] = field(default_factory=list)  # prompt + generated, for the processors and stop check
+    new_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class _StopCache:
+    """`StopStringCriteria` preprocesses the whole vocabulary; build it once per set of stop strings."""
+
+    def __init__(self) -> None:
+        self._by_stops: dict[tuple[str, ...], StopStringCriteria] = {}
+
+    def get(self, tokenizer: Any, stops: Sequence[str]) -> StopStringCriteria | None:
+        if not stops:
+            return None
+        key = tuple(stops)
+        if key not in self._by_stops:
+            self._by_stops[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
+        return self._by_stops[key]
+
+
+_STOPS = _StopCache()
+
+
+def _row(backend: TransformersBackend, request: GenerationRequest, prompt: EncodedPrompt) -> _Row:
+    s = request.sampling
+    processors = LogitsProcessorList()
+    if request.suppress:
+        bad = [backend.encoder.encode_text(w) for w in request.suppress]
+        processors.append(NoBadWordsLogitsProcessor(bad, eos_token_id=sorted(backend._eos)))
+    generator: torch.Generator | None = None
+    if s.temperature > 0:  # temperature itself is applied to all rows at once (`_choose`)
+        if s.top_k:
+            processors.append(TopKLogitsWarper(top_k=s.top_k))
+        if s.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=s.top_p))
+        generator = torch.Generator(device=backend.model.device)
+        if s.seed is not None:
+            generator.manual_seed(s.seed)
+        else:
+            generator.seed()
+    return _Row(request, prompt, processors, _STOPS.get(backend.tokenizer, request.stop), generator,
+                ids=list(prompt.input_ids))  # fmt: skip
+
+
+def _accepts(model: Any, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _positions(family: str, pos: torch.Tensor) -> torch.Tensor:
+    # The Omni thinker's M-RoPE takes (3, B, L) positions; with audio only all three axes are the text positions.
+    return pos.unsqueeze(0).expand(3, -1, -1) if family == "qwen2_5_omni" else pos
+
+
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that writes new keys and values into buffers with spare room (capacity doubles) instead of
+    concatenating: `DynamicLayer` copies the whole cache at every step, which for a wide batch costs more than
+    the step's compute. `keys` and `values` stay views of the filled part, as the attention code expects."""
+
+    _k: torch.Tensor
+    _v: torch.Tensor
+    filled: int = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.filled = 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if self.filled == 0 or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, max(end, 2 * self.filled, 64))
+        self._k[..., self.filled : end, :] = key_states
+        self._v[..., self.filled : end, :] = value_states
+        self.filled = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if self.filled:
+            k[..., : self.filled, :] = self._k[..., : self.filled, :]
+            v[..., : self.filled, :] = self._v[..., : self.filled, :]
+        self._k, self._v = k, v
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the contents (after rows join, leave, or padding columns are trimmed)."""
+        self._k, self._v, self.filled = keys.contiguous(), values.contiguous(), keys.shape[-2]
+        self.keys, self.values = self._k, self._v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.assign(self._k[indices, :, : self.filled], self._v[indices, :, : self.filled])
+
+
+def _new_cache(model: Any) -> Any:
+    """A cache of `_GrowingLayer`s, or None (the model's own) when its attention is not plain full attention."""
+    text = model.config.get_text_config(decoder=True)
+    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or []):
+        return None
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    return cache
+
+
+class _Decoder:
+    """A batch of rows being decoded: their KV cache, attention mask, positions and next-token logits.
+
+    `admit` prefills new rows and merges them into the batch; `step` picks one token per row, retires the rows
+    that are done and runs the model one step for the rest. Rows are independent: left padding plus explicit
+    positions make each row compute what it would alone.
+    """
+
+    def __init__(self, backend: TransformersBackend) -> None:
+        self.backend = backend
+        self.model = backend.model
+        self.device = backend.model.device
+        pad = backend.tokenizer.pad_token_id
+        self.pad = int(pad if pad is not None else min(backend._eos))
+        self.keep_logits = _accepts(self.model, "logits_to_keep")
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.last_pos = torch.zeros((0,), dtype=torch.long, device=self.device)
+        self.logits = torch.zeros((0, 0), device=self.device)
+        # Joining a running batch edits the cache's tensors: only our full-attention layers allow it.
+        self.joinable = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, rows: list[_Row]) -> None:
+        """Prefill `rows` together (left-padded) and add them to the batch."""
+        if not rows:
+            return
+        width = max(len(r.prompt.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
+            n = len(r.prompt.input_ids)
+            ids[i, width - n :] = torch.tensor(r.prompt.input_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
+        kwargs["position_ids"] = _positions(self.backend.family, pos)
+        cache = _new_cache(self.model)
+        if cache is not None:
+            kwargs["cache"] = cache
+        audios: list[EncodedAudio] = [a for r in rows for a in r.prompt.audios]  # row-major: placeholder order
+        if audios:
+            feats = collate_audio_features(self.backend.family, audios)
+            kwargs["input_features"] = feats["input_features"].to(device=self.device, dtype=self.model.dtype)
+            kwargs["feature_attention_mask"] = feats["feature_attention_mask"].to(self.device)
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (big vocabularies)
+        with self.backend._lock, torch.inference_mode():
+            out = self.model(**kwargs)
+        logits = out.logits[:, -1].float()
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last_pos, self.logits = rows, out.cache, mask, pos[:, -1], logits
+            self.joinable = all(isinstance(layer, _GrowingLayer) for layer in getattr(out.cache, "layers", [None]))
+            return
+        if not self.joinable:
+            raise RuntimeError("this model's cache cannot take rows into a running batch")
+        # Merge: left-pad the narrower of the two caches so the columns line up at the right edge.
+        grow_old, grow_new = max(0, width - self.mask.shape[1]), max(0, self.mask.shape[1] - width)
+        for old_layer, new_layer in zip(self.cache.layers, out.cache.layers, strict=True):
+            keys, values = (
+                torch.cat([F.pad(a, (0, 0, grow_old, 0)), F.pad(b, (0, 0, grow_new, 0))])
+                for a, b in ((old_layer.keys, new_layer.keys), (old_layer.values, new_layer.values))
+            )
+            old_layer.assign(keys, values)
+        self.mask = torch.cat([F.pad(self.mask, (grow_old, 0)), F.pad(mask, (grow_new, 0))])
+        self.last_pos = torch.cat([self.last_pos, pos[:, -1]])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+
+    def step(self) -> list[_Row]:
+        """One token for every row; returns the rows that finished (they have left the batch)."""
+        if not self.rows:
+            return []
+        with torch.inference_mode():
+            tokens = _choose(self.rows, self.logits, self.backend.never_ids)
+        going: list[int] = []
+        done: list[_Row] = []
+        stopped = _stopped(self.rows)
+        for b, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
+            s = row.request.sampling
+            if token in self.backend._eos or len(row.new_ids) >= s.max_new_tokens or stopped[b]:
+                done.append(row)
+            else:
+                going.append(b)
+        if len(going) < len(self.rows):  # drop finished rows from the cache and the batch
+            index = torch.tensor(going, dtype=torch.long, device=self.device)
+            self.rows = [self.rows[b] for b in going]
+            self.mask, self.last_pos = self.mask[index], self.last_pos[index]
+            tokens = [tokens[b] for b in going]
+            if not self.rows:
+                self.cache = None
+                return done
+            self.cache.batch_select_indices(index)
+            first = int((self.mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every row go
+            if first > 0 and self.joinable:
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.assign(layer.keys[:, :, first:], layer.values[:, :, first:])
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
+        self.last_pos = self.last_pos + 1
+        with self.backend._lock, torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1),
+                attention_mask=self.mask,
+                position_ids=_positions(self.backend.family, self.last_pos.unsqueeze(-1)),
+                cache=self.cache,
+                use_cache=True,
+            )
+        self.logits = out.logits[:, -1].float()
+        return done
+
+
+def _choose(rows: list[_Row], logits: torch.Tensor, never: list[int]) -> list[int]:
+    """Pick each row's next token from its raw logits `(n, V)` and record it with its log-prob."""
+    temps = torch.tensor([r.request.sampling.temperature if r.generator is not None else 1.0 for r in rows])
+    scores = logits / temps.to(logits.device).unsqueeze(-1)  # `TemperatureLogitsWarper` for every row at once
+    # Log-probs under the distribution sampled from, before truncation (as the single path reports them).
+    logprobs = torch.log_softmax(scores, dim=-1)
+    if never:  # the single path's single-token bad words (`NoBadWordsLogitsProcessor` sets them to -inf)
+        scores[:, never] = -float("inf")
+    for b, row in enumerate(rows):  # the other processors (suppressed strings, top-k, top-p), row by row
+        if len(row.processors):
+            ids = cast(torch.LongTensor, torch.tensor([row.ids], device=logits.device))
+            scores[b : b + 1] = row.processors(ids, scores[b : b + 1])
+    tokens = torch.argmax(scores, dim=-1)
+    sampled = [b for b, row in enumerate(rows) if row.generator is not None]
+    if sampled:
+        # `torch.multinomial(p, 1, generator=g)` is argmax(p / q) with q ~ Exp(1) drawn from g (ATen's one-sample
+        # path): the same draws per row, with one softmax and one argmax for all sampled rows.
+        probs = torch.softmax(scores[sampled], dim=-1)
+        q = torch.empty_like(probs)
+        for i, b in enumerate(sampled):
+            q[i].exponential_(1, generator=rows[b].generator)
+        tokens[sampled] = torch.argmax(probs / q, dim=-1)
+    out: list[int] = tokens.tolist()
+    for b, (row, token) in enumerate(zip(rows, out, strict=True)):
+        row.logprobs.append(float(logprobs[b, token]))
+        row.new_ids.append(token)
+        row.ids.append(token)
+    return out
+
+
+def _stopped(rows: list[_Row]) -> list[bool]:
+    """Whether each row's text now ends with one of its stop strings; one check per set of stop strings."""
+    out = [False] * len(rows)
+    groups: dict[int, list[int]] = {}
+    for b, row in enumerate(rows):
+        if row.stop is not None:
+            groups.setdefault(id(row.stop), []).append(b)
+    for members in groups.values():
+        crit = rows[members[0]].stop
+        assert crit is not None
+        n = min(_STOP_WINDOW, *(len(rows[b].ids) for b in members))
+        tails = cast(torch.LongTensor, torch.tensor([rows[b].ids[-n:] for b in members]))
+        hit = crit(tails, torch.empty(0)).tolist()
+        for b, h in zip(members, hit, strict=True):
+            out[b] = bool(h)
+    return out
+
+
+def generate_batch(
+    backend: TransformersBackend, items: Sequence[tuple[GenerationRequest, EncodedPrompt]]
+) -> list[Generation]:
+    """Decode several encoded requests together on `backend.model`; one `Generation` per item, in order."""
+    rows = [_row(backend, req, prompt) for req, prompt in items]
+    decoder = _Decoder(backend)
+    decoder.admit(rows)
+    # Bounded: every row gains one token per step and leaves at its own max_new_tokens.
+    for _ in range(max((r.request.sampling.max_new_tokens for r in rows), default=0)):
+        decoder.step()
+        if not decoder:
+            break
+    return [backend.to_generation(r.request, r.prompt, r.new_ids, r.logprobs) for r in rows]
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    prompt: EncodedPrompt
+    future: asyncio.Future[Generation]
+    loop: asyncio.AbstractEventLoop
+
+
+class BatchingBackend:
+    """A `ModelBackend` that decodes concurrent requests to one `TransformersBackend` in a shared, continuous batch.
+
+    A decoder thread runs while there is work. When it starts from idle it waits `window_s` for company; after
+    that, requests join the running batch between steps, in groups (a join copies the batch's KV cache): once
+    they are an eighth of the batch, or after `join_steps` steps at most. At most `max_batch` rows decode at once.
+    Text is not streamed: `on_delta` receives the whole continuation when it is done. Prompts are encoded exactly
+    as the wrapped backend encodes them.
+    """
+
+    def __init__(
+        self,
+        backend: TransformersBackend,
+        *,
+        max_batch: int = 32,
+        window_s: float = 0.01,
+        idle_s: float = 1.0,
+        join_steps: int = 8,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.idle_s = idle_s
+        self.join_steps = join_steps
+        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._lock = threading.Lock()
+        self._running = False
+        self.batch_sizes: list[int] = []  # rows decoded at each step, for tests and benchmarks
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def sample_rate(self) -> int:
+        return self.backend.sample_rate
+
+    @property
+    def encoder(self) -> Any:
+        return self.backend.encoder
+
+    async def generate(
+        self, request: GenerationRequest, audio: AudioResolver, on_delta: DeltaCallback | None = None
+    ) -> Generation:
+        prompt = self.backend.encode(request, audio)
+        self.backend.last_prompt = prompt
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, prompt, loop.create_future(), loop)
+        with self._lock:
+            self._inbox.put(pending)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._serve, name="echo-batcher", daemon=True).start()
+        gen = await pending.future
+        if on_delta is not None and gen.text:
+            on_delta(gen.text)
+        return gen
+
+    def _take(self, n: int, wait: float | None) -> list[_Pending]:
+        """Up to `n` pending requests; blocks up to `wait` seconds for the first (None: do not block)."""
+        out: list[_Pending] = []
+        if n < 1:
+            return out
+        try:
+            out.append(self._inbox.get(timeout=wait) if wait is not None else self._inbox.get_nowait())
+            while len(out) < n:
+                out.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return [p for p in out if not p.future.cancelled()]
+
+    def _serve(self) -> None:
+        decoder = _Decoder(self.backend)
+        owners: dict[int, _Pending] = {}
+
+        def answer(p: _Pending, result: Generation | BaseException) -> None:
+            setter: Callable[[Any], None] = (
+                p.future.set_exception if isinstance(result, BaseException) else p.future.set_result
+            )
+
+            def deliver() -> None:
+                if not p.future.done():
+                    setter(result)
+
+            p.loop.call_soon_threadsafe(deliver)
+
+        waiting: list[_Pending] = []  # taken from the inbox, not yet admitted (joins are grouped)
+        waited = 0  # steps the oldest of them has waited
+        while True:
+            if not decoder and not waiting:
+                waiting = self._take(self.max_batch, self.idle_s)
+                if not waiting:
+                    with self._lock:
+                        if self._inbox.empty():
+                            self._running = False
+                            return
+                    continue
+                if len(waiting) < self.max_batch and self.window_s > 0:  # from idle: let the others catch up
+                    threading.Event().wait(self.window_s)
+            room = self.max_batch - len(decoder) if decoder.joinable or not decoder else 0
+            waiting += self._take(room - len(waiting), None)
+            waited = waited + 1 if waiting and decoder else 0
+            # Joining copies the running cache, so newcomers join in groups: when the batch is empty, when they
+            # are a good share of it, or when the first of them has waited `join_steps` steps.
+            if not decoder or len(waiting) * 8 >= len(decoder) or waited >= self.join_steps:
+                new, waiting, waited = waiting[:room], waiting[room:], 0
+            else:
+                new = []
+            try:
+                rows = [_row(self.backend, p.request, p.prompt) for p in new]
+                decoder.admit(rows)
+                owners.update({id(r): p for r, p in zip(rows, new, strict=True)})
+                self.batch_sizes.append(len(decoder))
+                for row in decoder.step():
+                    p = owners.pop(id(row))
+                    answer(p, self.backend.to_generation(row.request, row.prompt, row.new_ids, row.logprobs))
+            except Exception as err:  # the callers see the model's error; the next requests start a new batch
+                for p in [*owners.values(), *new]:
+                    answer(p, err)
+                owners.clear()
+                decoder = _Decoder(self.backend)

@@ -1,0 +1,172 @@
+"""Batched generation (`echo_agent.backends.batching`) against the single-request path, on real tiny models.
+
+Each batch mixes what the graph really sends: fresh questions, a continued assistant turn with an inserted
+re-listened slice, different prompt lengths (so left padding is exercised), different budgets, stop strings,
+suppressed strings and seeds. Every row must come back exactly as `TransformersBackend.generate` makes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import write_beeps
+
+from echo_agent.audio import AudioStore
+from echo_agent.backends.base import AudioResolver, Generation, GenerationRequest
+from echo_agent.backends.batching import BatchingBackend, generate_batch
+from echo_agent.backends.transformers import TransformersBackend
+from echo_agent.config import SamplingParams
+from echo_agent.messages import Message, audio_part, text_part
+from echo_agent.tiny_models import build_tiny_qwen2_audio
+from echo_agent.training.sft import SFTConfig, new_echo_tiny
+
+Request = tuple[GenerationRequest, AudioResolver]
+
+
+def _echo_tiny() -> tuple[Any, Any]:
+    corpus = ["How many beeps are there? <think> I hear a beep <seg>1.0, 2.0</seg> </think><answer>2</answer>"] * 4
+    cfg = SFTConfig(train=Path("x"), out=Path("y"), hidden_size=64, layers=2, intermediate_size=128, vocab_size=300)
+    model, processor = new_echo_tiny(cfg, corpus)
+    # At its 0.02 init a fresh echo-tiny repeats one token whatever the input; wider weights make its output
+    # depend on the context (audio included), so equal outputs mean something.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(param.numel()))
+    return model, processor
+
+
+BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "qwen2-audio": lambda: build_tiny_qwen2_audio(seed=0),
+    "echo-tiny": _echo_tiny,
+}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def backend(request: pytest.FixtureRequest) -> TransformersBackend:
+    return TransformersBackend(*BUILDERS[request.param]())
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> tuple[AudioStore, list[AudioResolver]]:
+    store = AudioStore()
+    out: list[AudioResolver] = []
+    for i in range(3):
+        path = tmp_path_factory.mktemp("clips") / f"c{i}.wav"
+        write_beeps(path, 3.0 + 1.5 * i, [(1.0, 0.2), (2.0 + 0.3 * i, 0.3)], seed=i)
+        out.append(AudioResolver(store, {"main": store.load(path)}))
+    return store, out
+
+
+def _requests(audio: list[AudioResolver], sampling: list[SamplingParams], stops: list[list[str]]) -> list[Request]:
+    """Three requests as the graph makes them: two fresh questions (different lengths), one continued turn."""
+    out: list[Request] = []
+    for i, (s, stop) in enumerate(zip(sampling, stops, strict=True)):
+        msgs: list[Message] = [
+            {"role": "user", "content": [audio_part("main"), text_part("How many beeps are there?" + " Listen." * i)]}
+        ]
+        if i == 2:  # a partial assistant turn with a re-listened slice, continued in place
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": [text_part("<think>a beep <seg>1.0, 2.0</seg>", "model"), audio_part("main", 1.0, 2.0)],
+                }
+            )
+        out.append((GenerationRequest(messages=msgs, continue_final=i == 2, stop=stop, sampling=s), audio[i]))
+    return out
+
+
+def _stop_in(backend: TransformersBackend, gen: Generation) -> tuple[str, int] | None:
+    """A printable token of `gen` whose text first appears there, and how many tokens end with it."""
+    for j in range(3, len(gen.token_ids)):
+        piece = backend.tokenizer.decode(gen.token_ids[j : j + 1])
+        before = backend.tokenizer.decode(gen.token_ids[:j])
+        if piece.isascii() and piece.isprintable() and piece.strip() and piece not in before + piece[:-1]:
+            return piece, j + 1
+    return None
+
+
+def _single(backend: TransformersBackend, requests: list[Request]) -> list[Generation]:
+    return [asyncio.run(backend.generate(req, audio)) for req, audio in requests]
+
+
+def _batched(backend: TransformersBackend, requests: list[Request]) -> list[Generation]:
+    return generate_batch(backend, [(req, backend.encode(req, audio)) for req, audio in requests])
+
+
+def _assert_same(single: list[Generation], batched: list[Generation]) -> None:
+    for a, b in zip(single, batched, strict=True):
+        assert b.token_ids == a.token_ids
+        assert b.text == a.text
+        assert (b.finish_reason, b.stop_string) == (a.finish_reason, a.stop_string)
+        assert b.prompt_ids == a.prompt_ids
+        assert len(b.logprobs) == len(b.token_ids)
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+
+
+def test_greedy_batch_equals_single_requests(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    sampling = [SamplingParams(max_new_tokens=n) for n in (12, 20, 16)]
+    requests = _requests(clips[1], sampling, [[], [], []])
+    single = _single(backend, requests)
+    assert [len(g.token_ids) for g in single] == [12, 20, 16] or any(g.finish_reason == "eos" for g in single)
+    _assert_same(single, _batched(backend, requests))
+
+
+def test_stop_strings_budgets_and_seeds_stay_per_request(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    # Stop strings the model will really produce: a token of each row's own unconstrained greedy output.
+    free = _single(backend, _requests(clips[1], [SamplingParams(max_new_tokens=24)] * 3, [[], [], []]))
+    found = [_stop_in(backend, g) for g in free[:2]]
+    stops: list[list[str]] = [[f[0]] if f else [] for f in found] + [[]]
+    sampling = [
+        SamplingParams(max_new_tokens=24),
+        SamplingParams(max_new_tokens=24, temperature=0.9, top_k=20, seed=11),
+        SamplingParams(max_new_tokens=7, temperature=1.3, top_p=0.8, seed=5),
+    ]
+    requests = _requests(clips[1], sampling, stops)
+    single = _single(backend, requests)
+    batched = _batched(backend, requests)
+    _assert_same(single, batched)
+    # Greedy row 0 stops right on its stop string, well before its budget.
+    assert found[0] is not None
+    assert batched[0].finish_reason == "stop" and batched[0].stop_string == found[0][0]
+    assert len(batched[0].token_ids) == found[0][1]
+    assert len(batched[2].token_ids) <= 7
+
+
+def test_suppressed_strings_are_never_generated(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    free = _single(backend, _requests(clips[1], [SamplingParams(max_new_tokens=16)] * 3, [[], [], []]))
+    # A token the model chose, whose text encodes back to just that token: suppressing the text bans the token.
+    pieces = [(t, backend.tokenizer.decode([t])) for t in free[0].token_ids]
+    token, banned = next((t, p) for t, p in pieces if p.isprintable() and backend.encoder.encode_text(p) == [t])
+    base = _requests(clips[1], [SamplingParams(max_new_tokens=16)] * 3, [[], [], []])
+    requests = [(r.model_copy(update={"suppress": [banned]}) if i == 0 else r, a) for i, (r, a) in enumerate(base)]
+    batched = _batched(backend, requests)
+    _assert_same(_single(backend, requests), batched)
+    assert token in free[0].token_ids and token not in batched[0].token_ids
+
+
+async def test_concurrent_requests_share_a_continuous_batch(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    # Different budgets: rows leave the batch at different steps and waiting requests take their places.
+    sampling = [SamplingParams(max_new_tokens=n, temperature=1.0, seed=s) for s, n in ((1, 6), (2, 14), (3, 10))]
+    requests = _requests(clips[1], sampling, [[], [], []]) * 2
+    batcher = BatchingBackend(backend, max_batch=4, window_s=0.05)
+    deltas: list[str] = []
+    got = await asyncio.gather(*(batcher.generate(r, a, on_delta=deltas.append) for r, a in requests))
+    assert max(batcher.batch_sizes) == 4  # requests decoded together, never more than max_batch
+    assert len(batcher.batch_sizes) < sum(len(g.token_ids) for g in got)  # fewer steps than one at a time
+    want = [await backend.generate(r, a) for r, a in requests[:3]]
+    _assert_same(want * 2, list(got))
+    assert sorted(deltas) == sorted(g.text for g in got if g.text)
