@@ -25,6 +25,7 @@ from echo_agent.training.grpo import (
     GRPOConfig,
     Rollout,
     collate_rollouts,
+    collect_groups,
     group_advantages,
     grpo_loss,
     low_var_kl,
@@ -176,3 +177,19 @@ def test_grpo_steps_on_tiny_qwen2_audio(tmp_path: Path) -> None:
     row = json.loads((cfg.out / "log.jsonl").read_text().splitlines()[0])
     assert row["step"] == 1 and "reward" in row
     assert (final / "config.json").is_file()
+
+
+def test_batched_rollouts_keep_the_contract(suite: Path, taught: Path, tmp_path: Path) -> None:
+    """A step's rollouts decode together (continuous batching, left-padded); their log-probs still
+    match a recomputation on the sampled ids, and every group has its own samples."""
+    backend = TransformersBackend.from_pretrained(taught)
+    cfg = _cfg(suite, taught, tmp_path, group_size=4, max_batch=8)
+    groups = asyncio.run(collect_groups(backend, load_items(suite)[:2], cfg, seed=7))
+    assert [len(g) for g in groups] == [4, 4]
+    assert all(r.item_id == g[0].item_id for g in groups for r in g) and groups[0][0].item_id != groups[1][0].item_id
+    rollouts = [r for g in groups for r in g]
+    batch = collate_rollouts(rollouts, backend.encoder, backend.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp, _ = token_logprobs(backend.model, batch, cfg.temperature)
+    mask = batch["loss_mask"].bool()
+    torch.testing.assert_close(logp[mask], batch["old_logprobs"][mask], atol=2e-3, rtol=0)

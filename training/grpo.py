@@ -32,7 +32,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..audio import AudioRef, AudioStore
-from ..backends.base import AudioResolver, GenerationRequest
+from ..backends.base import AudioResolver, GenerationRequest, ModelBackend
+from ..backends.batching import BatchingBackend
 from ..backends.transformers import EncodedAudio, PromptEncoder, TransformersBackend
 from ..config import AgentConfig, SamplingParams
 from ..graphs.state import new_question
@@ -61,6 +62,7 @@ class GRPOConfig(BaseModel):
     clip_ratio: float = 0.2
     kl_coef: float = Field(0.04, description="low_var_kl coefficient (the paper's 0.04); 0 disables the reference")
     temperature: float = 1.0
+    max_batch: int = Field(32, description="rows decoded together across concurrent rollouts; 1 = one at a time")
     max_new_tokens: int = 160
     reward: Literal["paper", "deepeyes"] = "paper"
     freeze_audio_encoder: bool = True
@@ -97,7 +99,7 @@ class Rollout(BaseModel):
     advantage: float = 0.0
 
 
-def rollout_graph(backend: TransformersBackend, store: AudioStore, cfg: GRPOConfig, seed: int) -> Any:
+def rollout_graph(backend: ModelBackend, store: AudioStore, cfg: GRPOConfig, seed: int) -> Any:
     """The users' agent graph, sampling, returning its full state (the trajectory)."""
     from ..graphs.echo import build_echo_graph
 
@@ -139,21 +141,22 @@ def to_rollout(state: dict[str, Any], item: dict[str, Any], encoder: PromptEncod
 async def collect_groups(
     backend: TransformersBackend, items: Sequence[dict[str, Any]], cfg: GRPOConfig, seed: int
 ) -> list[list[Rollout]]:
-    """`group_size` sampled trajectories per item, through the real graph."""
+    """`group_size` sampled trajectories per item, through the real graph. All of a step's rollouts run
+    concurrently and share the model through continuous batching (`BatchingBackend`)."""
     store = AudioStore()
     encoder = backend.encoder
+    shared: ModelBackend = BatchingBackend(backend, max_batch=cfg.max_batch) if cfg.max_batch > 1 else backend
 
     async def one(item: dict[str, Any], k: int) -> Rollout:
-        graph = rollout_graph(backend, store, cfg, seed * 1_000_003 + k)
+        graph = rollout_graph(shared, store, cfg, seed * 1_000_003 + k)
         ref = store.load(item["_audio"])
         question = new_question(item["question"], {"main": ref.model_dump()}, item["choices"], item["answer"])
         state = await graph.ainvoke(question)
         return to_rollout(state, item, encoder, store, cfg.weights())
 
-    groups = []
-    for i, item in enumerate(items):
-        groups.append(list(await asyncio.gather(*(one(item, i * cfg.group_size + k) for k in range(cfg.group_size)))))
-    return groups
+    g = cfg.group_size
+    flat = await asyncio.gather(*(one(item, i * g + k) for i, item in enumerate(items) for k in range(g)))
+    return [list(flat[i * g : (i + 1) * g]) for i in range(len(items))]
 
 
 def group_advantages(groups: list[list[Rollout]], eps: float = 1e-6) -> None:
