@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # imported lazily at run time: the OpenAI client is only need
     from .backends.openai import OpenAIOptions
 
 AudioInput = str | os.PathLike[str] | AudioRef
-DEFAULT_MODEL = "tiny-random-qwen2-audio"
+DEFAULT_MODEL = "echo-tiny"
 OPENAI_PREFIX = "openai:"
 TINY_MODELS = ("tiny-random-qwen2-audio", "tiny-random-qwen2.5-omni")
 # The shipped echo-tiny weights (package data), loadable by name.
