@@ -225,3 +225,27 @@ def test_a_continued_turn_ending_in_a_slice_keeps_it_under_transformers_template
     rendered = processor.apply_chat_template(hf, tokenize=False, continue_final_message=True)
     assert rendered.count("<|AUDIO|>") == (2 if tail else 1)
     assert rendered.rstrip().endswith("<|audio_eos|>") == bool(tail)
+
+
+def test_shipped_echo_tiny_over_http_matches_in_process(tmp_path: Path) -> None:
+    """`echo-agent serve --model echo-tiny` (the shipped weights): the graph through the OpenAI backend
+    answers the README's bundled example exactly as the local echo-tiny does, token for token."""
+    root = Path(__file__).resolve().parents[1]
+    item = json.loads((root / "examples" / "puzzles" / "example.json").read_text())[0]
+    wav = root / "examples" / "puzzles" / item["audio_id"]
+    proc = ServeProcess(["--model", "echo-tiny", "--max-new-tokens", "120"], serve_env(tmp_path / "home"))
+    try:
+        here = Recording(load_backend("echo-tiny"))
+        there = Recording(OpenAIBackend("echo-tiny", f"{proc.url}/v1", options=TOKENS))
+
+        async def both() -> tuple[Any, Any]:
+            mine = await EchoAgent(here, AudioStore(), GREEDY).ask(wav, item["question"], item["choices"])
+            theirs = await EchoAgent(there, AudioStore(), GREEDY).ask(wav, item["question"], item["choices"])
+            return mine, theirs
+
+        mine, theirs = asyncio.run(both())
+    finally:
+        proc.stop()
+    assert theirs.choice == item["answer"] and any(c.valid for c in theirs.listens)
+    assert theirs.model_dump() == mine.model_dump()
+    assert [g.token_ids for g in there.gens] == [g.token_ids for g in here.gens]
