@@ -204,10 +204,10 @@ def head_hits(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[
 
 
 def load_clips(path: Path) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(path.read_text())
-    for it in items:
-        it["_audio"] = str((path.parent / it["audio_id"]).resolve())
-    return items
+    """The suite's items with absolute audio paths (`_audio`), as the SFT trainer loads them."""
+    from .sft import load_items
+
+    return load_items(path)
 
 
 def sample_batch(

@@ -39,7 +39,7 @@ from ..config import AgentConfig, SamplingParams
 from ..graphs.state import new_question
 from ..messages import Message
 from ..verifier import RewardTerms, RewardWeights, verify
-from .sft import load_items
+from .sft import load_items, make_trainable
 
 
 class GRPOConfig(BaseModel):
@@ -287,21 +287,8 @@ def train(cfg: GRPOConfig) -> Path:
     reference = None
     if cfg.kl_coef > 0 and not cfg.lora:  # with LoRA the reference is the base with adapters disabled
         reference = TransformersBackend.from_pretrained(cfg.init).model.eval().requires_grad_(False)
-    if cfg.freeze_audio_encoder:
-        for name, p in model.named_parameters():
-            if "audio" in name:
-                p.requires_grad_(False)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 target_modules=cfg.lora_targets))  # fmt: skip
-        if resume:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-        backend.model = model
+    model = make_trainable(model, cfg, ckpt if resume else None)
+    backend.model = model  # rollouts sample from the (possibly LoRA-wrapped) policy being trained
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -234,6 +234,26 @@ def load_model(cfg: SFTConfig, items: list[dict[str, Any]]) -> tuple[Any, Any]:
 # ---- the loop ----------------------------------------------------------------------------------
 
 
+def make_trainable(model: Any, cfg: Any, adapter_from: Path | None = None) -> Any:
+    """Freeze the audio encoder if `cfg.freeze_audio_encoder`; wrap in LoRA adapters (peft) if `cfg.lora`,
+    restoring them from checkpoint `adapter_from` when resuming. Shared by the SFT and GRPO trainers."""
+    if cfg.freeze_audio_encoder:
+        for name, p in model.named_parameters():
+            if "audio" in name:
+                p.requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 target_modules=cfg.lora_targets))  # fmt: skip
+        if adapter_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(adapter_from / "adapter_model.safetensors"))
+    return model
+
+
 def lr_at(step: int, cfg: SFTConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup:
@@ -307,20 +327,7 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         model, processor = backend.model, backend.processor
     elif model is None:
         model, processor = load_model(cfg, items)
-    if cfg.freeze_audio_encoder:
-        for name, p in model.named_parameters():
-            if "audio" in name:
-                p.requires_grad_(False)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 target_modules=cfg.lora_targets))  # fmt: skip
-        if resume:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    model = make_trainable(model, cfg, ckpt if resume else None)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
