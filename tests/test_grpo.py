@@ -193,3 +193,12 @@ def test_batched_rollouts_keep_the_contract(suite: Path, taught: Path, tmp_path:
         logp, _ = token_logprobs(backend.model, batch, cfg.temperature)
     mask = batch["loss_mask"].bool()
     torch.testing.assert_close(logp[mask], batch["old_logprobs"][mask], atol=2e-3, rtol=0)
+
+
+def test_too_few_items_or_a_group_of_one_is_a_clear_error(suite: Path, taught: Path, tmp_path: Path) -> None:
+    from echo_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="items_per_step"):
+        train(_cfg(suite, taught, tmp_path / "a", items_per_step=99))
+    with pytest.raises(ConfigError, match="group_size"):
+        train(_cfg(suite, taught, tmp_path / "b", group_size=1))

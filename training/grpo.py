@@ -36,6 +36,7 @@ from ..backends.base import AudioResolver, GenerationRequest, ModelBackend
 from ..backends.batching import BatchingBackend
 from ..backends.transformers import EncodedAudio, PromptEncoder, TransformersBackend
 from ..config import AgentConfig, SamplingParams
+from ..errors import ConfigError
 from ..graphs.state import new_question
 from ..messages import Message
 from ..verifier import RewardTerms, RewardWeights, verify
@@ -276,6 +277,9 @@ def train(cfg: GRPOConfig) -> Path:
     accelerator = Accelerator()
     cfg.out.mkdir(parents=True, exist_ok=True)
     items = load_items(cfg.train)
+    if not 0 < cfg.items_per_step <= len(items) or cfg.group_size < 2:
+        raise ConfigError(f"items_per_step must be 1..{len(items)} (the training items) and group_size >= 2, "
+                          f"got {cfg.items_per_step} and {cfg.group_size}")  # fmt: skip
     val_items = load_items(cfg.val)[: cfg.eval_items] if cfg.val else []
     ckpt = cfg.out / "checkpoint"
     old = ckpt.with_name("checkpoint.old")
