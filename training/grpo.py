@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from ..graphs.state import new_question
 from ..messages import Message
 from ..verifier import RewardTerms, RewardWeights, verify
-from .sft import load_items, make_trainable
+from .sft import graph_accuracy, load_items, make_trainable
 
 
 class GRPOConfig(BaseModel):
@@ -254,22 +254,6 @@ def _save(model: Any, processor: Any, optimizer: Any, state: dict[str, Any], whe
     shutil.rmtree(old, ignore_errors=True)
 
 
-def evaluate_greedy(backend: TransformersBackend, items: Sequence[dict[str, Any]], mode: str) -> float:
-    from ..agent import EchoAgent
-
-    agent = EchoAgent(backend, config=AgentConfig(sampling=SamplingParams(max_new_tokens=160), mode=mode))
-
-    async def run() -> list[bool]:
-        hits = []
-        for it in items:
-            r = await agent.ask(it["_audio"], it["question"], it["choices"], gold=it["answer"])
-            hits.append(bool(r.verdict and r.verdict.correct))
-        return hits
-
-    hits = asyncio.run(run())
-    return sum(hits) / max(1, len(hits))
-
-
 def train(cfg: GRPOConfig) -> Path:
     """Train; returns the directory of the final model (OUT/final)."""
     from accelerate import Accelerator
@@ -361,7 +345,7 @@ def train(cfg: GRPOConfig) -> Path:
         }
         if val_items and (step % cfg.eval_every == 0 or step == cfg.steps) and accelerator.is_main_process:
             model.eval()
-            record["val_accuracy"] = evaluate_greedy(backend, val_items, cfg.audio_mode)
+            record["val_accuracy"] = graph_accuracy(backend, val_items, cfg.audio_mode)
         if accelerator.is_main_process and (step % cfg.log_every == 0 or "val_accuracy" in record):
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -279,19 +279,14 @@ def train_step(
     return float(loss.detach())
 
 
-def validate(model: Any, processor: Any, items: list[dict[str, Any]], mode: AudioMode) -> dict[str, float]:
-    """Accuracy of the real agent graph (greedy) on validation items."""
+def graph_accuracy(backend: Any, items: Sequence[dict[str, Any]], graph_mode: str) -> float:
+    """Accuracy of the real agent graph, greedy, on items with gold answers (the trainers' validation)."""
     import asyncio
 
     from ..agent import EchoAgent
-    from ..backends.transformers import TransformersBackend
     from ..config import AgentConfig, SamplingParams
 
-    model.eval()
-    agent = EchoAgent(
-        TransformersBackend(model, processor),
-        config=AgentConfig(sampling=SamplingParams(max_new_tokens=160), mode=GRAPH_MODE[mode]),
-    )
+    agent = EchoAgent(backend, config=AgentConfig(sampling=SamplingParams(max_new_tokens=160), mode=graph_mode))
 
     async def run() -> list[bool]:
         out = []
@@ -301,8 +296,17 @@ def validate(model: Any, processor: Any, items: list[dict[str, Any]], mode: Audi
         return out
 
     correct = asyncio.run(run())
+    return sum(correct) / max(1, len(correct))
+
+
+def validate(model: Any, processor: Any, items: list[dict[str, Any]], mode: AudioMode) -> dict[str, float]:
+    """Validation accuracy of the model being trained, through the real agent graph."""
+    from ..backends.transformers import TransformersBackend
+
+    model.eval()
+    accuracy = graph_accuracy(TransformersBackend(model, processor), items, GRAPH_MODE[mode])
     model.train()
-    return {"val_accuracy": sum(correct) / max(1, len(correct)), "val_n": float(len(correct))}
+    return {"val_accuracy": accuracy, "val_n": float(len(items))}
 
 
 def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
