@@ -83,7 +83,7 @@ class AudioPretrainConfig(BaseModel):
 def slice_labels(events: Sequence[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
     """The head targets for the slice [start, end] of a clip with these events (`IGNORE` = no target)."""
 
-    # The traces' "I hear ..." lists use the same rule (`kinds_heard`), so head and text agree.
+    # The same rule (`kinds_heard`) decides what counts as heard in a slice everywhere.
     heard = [ev for ev in events if kinds_heard([(ev["kind"], ev["onset"], ev["offset"])], start, end)]
     mid = 0.5 * (start + end)
     at_mid = [ev for ev in events if ev["onset"] - 0.02 <= mid <= ev["offset"] + 0.02]

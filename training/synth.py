@@ -15,12 +15,12 @@ times) decided by what the inserted slice holds. Each listen is preceded by ``I 
 - ``identify``: one listen to T±0.5 s around the question's time T; `` it is a chirp.``
 - ``pitch``: listens to T1±0.5 and T2±0.5 s; `` this beep is high|mid|low.`` each, then
   ``High is higher than low, so the answer is higher.``
-- ``locate``: listens to the choices' ranges in their listed order, `` no chord here.`` after each until
-  `` the chord is here.`` (1–4 listens; the answer's position is balanced).
+- ``locate``: listens to the choices' ranges in their listed order, `` chord? no.`` after each until
+  `` chord? yes.`` (1–4 listens; the answer's position is balanced).
 - ``order`` and ``duration``: scan the clip in 10 s windows from 0 s (``0.0, 10.0``, ``10.0, 20.0``, ...;
-  the last window may end past the clip, which the runtime clamps) until the first window holding the
-  target: `` neither is here.`` then `` the click is here.`` or `` both are here, the click comes first.``;
-  `` no chord here.`` then `` the chord is here; it lasts about 1.0 s.`` The events these scans look for
+  the last window may end past the clip, which the runtime clamps) until the first window holding a
+  target: `` click? no. chord? no.`` then `` click? yes. chord? no. The click comes first.`` (both may be
+  ``yes``); `` chord? no.`` then `` chord? yes; it lasts about 1.0 s.`` The events these scans look for
   lie inside one window (≥ 0.2 s from its ends), never across a multiple of 10 s, and within the first 70 s,
   so a scan takes at most 7 listens (6 on the default ≤ 60 s clips).
 
@@ -365,14 +365,11 @@ def kinds_heard(events: Iterable[tuple[str, float, float]], start: float, end: f
     return [k for k in KINDS if k in heard]
 
 
-def _heard(tl: _Timeline, a: float, b: float) -> str:
-    """ " I hear a click and a chord;": what a scan step reports before deciding. Naming every kind heard
-    is a direct read-out of the slice; checking the asked-about kind against that list is then text."""
-    kinds = [f"a {k}" for k in kinds_heard(((e.kind, e.onset, e.offset) for e in tl.events), a, b)]
-    if not kinds:
-        return " I hear nothing;"
-    listed = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
-    return f" I hear {listed};"
+def _check(kind: str, present: bool) -> str:
+    """`` chord? yes.``: a scan step's targeted check. The kind is written *before* the verdict, so the
+    verdict token sits right after the kind's own tokens: a one-hop read of the slice for that kind,
+    not a comparison against a target stated sentences earlier (which echo-tiny's decoder failed at)."""
+    return f" {kind}? {'yes' if present else 'no'}."
 
 
 def _tenths(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -469,9 +466,9 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     choices = _place_choices(rng, answer, [second.kind], pos)
     question = f"Which is heard first, the {x} or the {y}?"
     last = _window_of(first)
-    found = f" both are here, the {answer} comes first." if _window_of(second) == last else f" the {answer} is here."
-    steps, evidence = _scan(tl.n, last, found, " neither is here.")
-    steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
+    both = _window_of(second) == last
+    found = f"{_check(x, x_first or both)}{_check(y, not x_first or both)} The {answer} comes first."
+    steps, evidence = _scan(tl.n, last, found, f"{_check(x, False)}{_check(y, False)}")
     # The lead restates what to look for, so later steps copy it from nearby text, not from the question.
     trace = _trace(f"I look for the {x} and the {y} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
@@ -552,8 +549,7 @@ def _build_locate(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int 
     question = f"When is the {kind} heard?"
     # Listen to the choices in the order they are listed, up to the one that holds the event.
     spans = [(float(c), float(d)) for c, d in (re.findall(r"\d+\.\d", x) for x in choices[: pos + 1])]
-    steps = [(c, d, _heard(tl, c, d) + (f" no {kind} here." if k < pos else f" the {kind} is here."))
-             for k, (c, d) in enumerate(spans)]  # fmt: skip
+    steps = [(c, d, _check(kind, k == pos)) for k, (c, d) in enumerate(spans)]
     trace = _trace(f"I look for the {kind} in the time ranges, in the listed order.", steps, answer)
     return question, choices, answer, [[a, b]], trace
 
@@ -569,9 +565,8 @@ def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     answer = f"{value:.1f} s"
     choices = _place_choices(rng, answer, [f"{v:.1f} s" for v in DURATION_CHOICES if v != value], pos)
     question = f"How long does the {kind} last?"
-    found = f" the {kind} is here; it lasts about {value:.1f} s."
-    steps, evidence = _scan(tl.n, _window_of(ev), found, f" no {kind} here.")
-    steps = [(a, b, _heard(tl, a, b) + obs) for a, b, obs in steps]
+    found = f"{_check(kind, True)[:-1]}; it lasts about {value:.1f} s."
+    steps, evidence = _scan(tl.n, _window_of(ev), found, _check(kind, False))
     trace = _trace(f"I look for the {kind} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
 
