@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-duration", type=float, default=60.0, help="longest clip in seconds (clips run 10 s up)")
     synth.add_argument("--snr", type=float, nargs=2, default=[5.0, 20.0], metavar=("MIN", "MAX"),
                        help="background-noise SNR range in dB (default: 5 20)")  # fmt: skip
+    synth.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                       help="item i gets categories[i %% len]; repeat one to weight it (default: all six)")  # fmt: skip
 
     train = sub.add_parser("train", help="train the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         audio.add_argument(f"--{name}", type=kind, default=None)
 
     sft = train_sub.add_parser("sft", help="supervised fine-tuning on seg-tag traces (stage 1)")
-    sft.add_argument("--train", required=True, help="training data (MMAU JSON with gold `trace`s)")
+    sft.add_argument("--train", required=True, nargs="+", help="training data (MMAU JSON with gold `trace`s); "
+                     "several files are concatenated")  # fmt: skip
     sft.add_argument("--val", default=None, help="validation data, scored by the real agent graph")
     sft.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
     sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
@@ -498,13 +501,13 @@ def _data_synth(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
 
-    from .training.synth import synth_command
+    from .training.synth import CATEGORIES, synth_command
 
     # The progress bar goes to stderr, so stdout holds only the JSON path.
     with contextlib.redirect_stdout(sys.stderr):
         path = synth_command(
             out, args.n, args.seed, args.split, args.workers, durations=(10.0, args.max_duration),
-            snr_range=(min(args.snr), max(args.snr)),
+            snr_range=(min(args.snr), max(args.snr)), categories=args.categories or CATEGORIES,
         )  # fmt: skip
     print(path)
     return 0
@@ -575,7 +578,7 @@ def _train_sft(args: argparse.Namespace) -> int:
         cfg = SFTConfig.model_validate(fields)
     except ValidationError as err:
         raise _config_error(err) from None
-    for path in (cfg.train, cfg.val):
+    for path in (*cfg.train, cfg.val):
         if path is not None and not path.is_file():
             raise ConfigError(f"no such data file: {path}")
     print(train(cfg))

@@ -315,6 +315,24 @@ def test_resume_continues_from_the_checkpoint(suite: Path, tmp_path: Path) -> No
     assert [r["step"] for r in log_records(out)] == steps
 
 
+def test_several_training_files_are_concatenated(suite: Path, tmp_path: Path) -> None:
+    """`--train A.json B.json`: the run trains on both suites' items (a weighted extra suite from
+    `data synth --categories` is how the shipped model got more count/order/locate practice)."""
+    from echo_agent.cli import main
+
+    extra_dir = tmp_path / "extra"
+    assert main(["data", "synth", "--out", str(extra_dir), "--n", "3", "--seed", "9", "--split", "extra",
+                 "--max-duration", "12", "--categories", "count", "count", "locate"]) == 0  # fmt: skip
+    extra = extra_dir / "extra.json"
+    assert [it["category"] for it in json.loads(extra.read_text())] == ["count", "count", "locate"]
+    cfg = SFTConfig.model_validate({**echo_tiny_cfg(suite, tmp_path / "run").model_dump(), "train": [suite, extra]})
+    assert cfg.train == [suite, extra] and echo_tiny_cfg(suite, tmp_path).train == [suite]
+    # One batch of all 9 items can only be formed from both files together (6 + 3).
+    train(cfg.model_copy(update={"steps": 1, "batch_size": 9}))
+    with pytest.raises(ValueError, match="batch"):
+        train(echo_tiny_cfg(suite, tmp_path / "run6", steps=1, batch_size=9))
+
+
 def test_too_few_items_for_a_batch_is_an_error(suite: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch"):
         train(echo_tiny_cfg(suite, tmp_path / "run", steps=1, batch_size=8))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..audio import AudioStore
 from ..backends.base import AudioResolver, GenerationRequest
@@ -55,10 +55,15 @@ def text_only_trace(trace: str) -> str:
 class SFTConfig(BaseModel):
     """Everything a run depends on. Saved next to the checkpoints."""
 
-    train: Path
+    train: list[Path] = Field(description="training suites (MMAU JSON with gold traces), concatenated")
     val: Path | None = None
     out: Path
     init: str = Field("echo-tiny", description="'echo-tiny' for a new model, or a model directory")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | Path) else v
     audio_mode: AudioMode = "interleaved"
     steps: int = 3000
     batch_size: int = 16
@@ -317,7 +322,7 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
     cfg.out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    items = load_items(cfg.train)[: cfg.max_examples]
+    items = [it for path in cfg.train for it in load_items(path)][: cfg.max_examples]
     val_items = load_items(cfg.val)[: cfg.eval_items] if cfg.val else []
     ckpt = cfg.out / "checkpoint"
     old = ckpt.with_name("checkpoint.old")

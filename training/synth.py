@@ -853,11 +853,13 @@ def synth_command(
     workers: int = 1,
     durations: tuple[float, float] = (10.0, 60.0),
     snr_range: tuple[float, float] = (5.0, 20.0),
+    categories: Sequence[str] = CATEGORIES,
 ) -> Path:
     """What `echo-agent data synth --out DIR --n N --seed S` runs: one suite with a progress bar.
 
     Audio costs about 32 kB per clip-second (≈1.1 MB per item at the default 10–60 s clips).
     """
     return write_suite(
-        Path(out), n, seed, split, workers=max(1, workers), progress=True, durations=durations, snr_range=snr_range
+        Path(out), n, seed, split, categories, workers=max(1, workers), progress=True, durations=durations,
+        snr_range=snr_range,
     )
