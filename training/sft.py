@@ -60,10 +60,6 @@ class SFTConfig(BaseModel):
     out: Path
     init: str = Field("echo-tiny", description="'echo-tiny' for a new model, or a model directory")
 
-    @field_validator("train", mode="before")
-    @classmethod
-    def _one_or_more(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str | Path) else v
     audio_mode: AudioMode = "interleaved"
     steps: int = 3000
     batch_size: int = 16
@@ -93,6 +89,11 @@ class SFTConfig(BaseModel):
     audio_hidden_size: int = 128
     audio_layers: int = 2
     audio_tokens: int = 16
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | Path) else v
 
 
 # ---- data: gold traces -> token ids, loss mask and audio ---------------------------------------

@@ -859,7 +859,5 @@ def synth_command(
 
     Audio costs about 32 kB per clip-second (≈1.1 MB per item at the default 10–60 s clips).
     """
-    return write_suite(
-        Path(out), n, seed, split, categories, workers=max(1, workers), progress=True, durations=durations,
-        snr_range=snr_range,
-    )
+    workers = max(1, workers)
+    return write_suite(Path(out), n, seed, split, categories, snr_range, workers, True, durations)
