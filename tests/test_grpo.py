@@ -202,3 +202,8 @@ def test_too_few_items_or_a_group_of_one_is_a_clear_error(suite: Path, taught: P
         train(_cfg(suite, taught, tmp_path / "a", items_per_step=99))
     with pytest.raises(ConfigError, match="group_size"):
         train(_cfg(suite, taught, tmp_path / "b", group_size=1))
+    # `categories` filters the training items first: 2 of the 4 are count items, none is a pitch item.
+    with pytest.raises(ConfigError, match=r"1\.\.2 \(the training items\)"):
+        train(_cfg(suite, taught, tmp_path / "c", items_per_step=3, categories=["count"]))
+    with pytest.raises(ConfigError, match=r"1\.\.0 \(the training items\)"):
+        train(_cfg(suite, taught, tmp_path / "d", items_per_step=1, categories=["pitch"]))

@@ -66,6 +66,9 @@ class GRPOConfig(BaseModel):
     max_batch: int = Field(32, description="rows decoded together across concurrent rollouts; 1 = one at a time")
     max_new_tokens: int = 160
     reward: Literal["paper", "deepeyes"] = "paper"
+    categories: list[str] | None = Field(
+        None, description="roll out only items of these categories (e.g. the multi-listen scans); None = all"
+    )
     freeze_audio_encoder: bool = True
     log_every: int = 1
     eval_every: int = 25
@@ -261,6 +264,8 @@ def train(cfg: GRPOConfig) -> Path:
     accelerator = Accelerator()
     cfg.out.mkdir(parents=True, exist_ok=True)
     items = load_items(cfg.train)
+    if cfg.categories is not None:
+        items = [it for it in items if it.get("category") in cfg.categories]
     if not 0 < cfg.items_per_step <= len(items) or cfg.group_size < 2:
         raise ConfigError(f"items_per_step must be 1..{len(items)} (the training items) and group_size >= 2, "
                           f"got {cfg.items_per_step} and {cfg.group_size}")  # fmt: skip
