@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-duration", type=float, default=60.0, help="longest clip in seconds (clips run 10 s up)")
     synth.add_argument("--snr", type=float, nargs=2, default=[5.0, 20.0], metavar=("MIN", "MAX"),
                        help="background-noise SNR range in dB (default: 5 20)")  # fmt: skip
-    synth.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+    from .training.synth import CATEGORIES  # numpy only; the parser needs the names for --categories
+
+    synth.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", choices=CATEGORIES,
                        help="item i gets categories[i %% len]; repeat one to weight it (default: all six)")  # fmt: skip
 
     train = sub.add_parser("train", help="train the model")

@@ -324,6 +324,9 @@ def test_several_training_files_are_concatenated(suite: Path, tmp_path: Path) ->
     assert main(["data", "synth", "--out", str(extra_dir), "--n", "3", "--seed", "9", "--split", "extra",
                  "--max-duration", "12", "--categories", "count", "count", "locate"]) == 0  # fmt: skip
     extra = extra_dir / "extra.json"
+    with pytest.raises(SystemExit) as bad:  # an unknown name is a usage error (exit 2), not a traceback
+        main(["data", "synth", "--out", str(tmp_path / "bad"), "--n", "1", "--seed", "1", "--categories", "bark"])
+    assert bad.value.code == 2
     assert [it["category"] for it in json.loads(extra.read_text())] == ["count", "count", "locate"]
     cfg = SFTConfig.model_validate({**echo_tiny_cfg(suite, tmp_path / "run").model_dump(), "train": [suite, extra]})
     assert cfg.train == [suite, extra] and echo_tiny_cfg(suite, tmp_path).train == [suite]
