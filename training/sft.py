@@ -59,7 +59,6 @@ class SFTConfig(BaseModel):
     val: Path | None = None
     out: Path
     init: str = Field("echo-tiny", description="'echo-tiny' for a new model, or a model directory")
-
     audio_mode: AudioMode = "interleaved"
     steps: int = 3000
     batch_size: int = 16

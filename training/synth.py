@@ -565,7 +565,7 @@ def _build_duration(rng: np.random.Generator, tl: _Timeline, seed: int, slot: in
     answer = f"{value:.1f} s"
     choices = _place_choices(rng, answer, [f"{v:.1f} s" for v in DURATION_CHOICES if v != value], pos)
     question = f"How long does the {kind} last?"
-    found = f"{_check(kind, True)[:-1]}; it lasts about {value:.1f} s."
+    found = f" {kind}? yes; it lasts about {value:.1f} s."  # `_check`'s verdict, then the duration
     steps, evidence = _scan(tl.n, _window_of(ev), found, _check(kind, False))
     trace = _trace(f"I look for the {kind} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
