@@ -120,3 +120,32 @@ def test_chunked_encoding_matches_one_batch(suite: Path, tmp_path: Path) -> None
         chunked = encode(model, processor, audios, chunk=3)
         singles = torch.cat([encode(model, processor, [a]) for a in audios])
     torch.testing.assert_close(chunked, singles, atol=1e-4, rtol=1e-4)
+
+
+def test_category_weights_steer_which_clips_are_sliced(suite: Path) -> None:
+    """A zero weight removes a category from the batches: with only `count` weighted and every slice
+    taken from the gold listens, each slice's labels are a count window's labels."""
+    items = load_clips(suite)
+    weights = [1.0 if it["category"] == "count" else 0.0 for it in items]
+    counts = [it for it in items if it["category"] == "count"]
+    windows = [slice_labels(it["events"], *trace_spans(str(it["trace"]))[0]) for it in counts]
+    _, y = sample_batch(random.Random(0), items, 30, 1.0, weights)
+    assert all(c in {w["count"] for w in windows} for c in y["count"].tolist())
+    assert min(y["count"].tolist()) >= 1  # a count window always holds a beep; other spans often hold none
+
+
+def test_continuing_from_a_previous_run_starts_from_its_weights(suite: Path, tmp_path: Path) -> None:
+    first = AudioPretrainConfig(train=suite, val=suite, out=tmp_path / "a", steps=4, batch_size=6, lr=3e-3,
+                                warmup=1, log_every=4, eval_every=4, eval_slices=50, **TINY)  # fmt: skip
+    pretrain(first)
+    # lr 0: the continued run must save exactly the weights it loaded (a fresh init would differ).
+    cont = first.model_copy(update={"out": tmp_path / "b", "init": tmp_path / "a", "lr": 0.0, "steps": 2,
+                                    "log_every": 2, "eval_every": 2, "category_weights": {"count": 3.0}})  # fmt: skip
+    pretrain(cont)
+    a = TransformersBackend.from_pretrained(tmp_path / "a" / "model").model.audio_encoder.state_dict()
+    b = TransformersBackend.from_pretrained(tmp_path / "b" / "model").model.audio_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    heads_a, heads_b = (torch.load(tmp_path / run / "heads.pt") for run in ("a", "b"))
+    assert torch.equal(heads_a["count.weight"], heads_b["count.weight"])
+    row = json.loads((tmp_path / "b" / "pretrain_log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= row["val_count_windows"] <= 1.0  # head accuracy on the count items' own windows

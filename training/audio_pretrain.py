@@ -55,6 +55,7 @@ class AudioPretrainConfig(BaseModel):
     train: Path
     val: Path | None = None
     out: Path
+    init: Path | None = Field(None, description="a previous stage-0 run's folder to continue (model/, heads.pt)")
     steps: int = 3000
     batch_size: int = 48
     lr: float = 2e-3
@@ -62,6 +63,9 @@ class AudioPretrainConfig(BaseModel):
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     trace_span_share: float = Field(0.5, description="share of slices taken from the gold traces' listens")
+    category_weights: dict[str, float] = Field(
+        default_factory=dict, description="relative sampling weight of each category's clips (unlisted: 1.0)"
+    )
     log_every: int = 50
     eval_every: int = 500
     eval_slices: int = 600
@@ -75,6 +79,7 @@ class AudioPretrainConfig(BaseModel):
     audio_hidden_size: int = 128
     audio_layers: int = 2
     audio_tokens: int = 16
+    audio_time_tokens: int = 0
 
 
 # ---- labels of a slice --------------------------------------------------------------------------
@@ -211,12 +216,16 @@ def load_clips(path: Path) -> list[dict[str, Any]]:
 
 
 def sample_batch(
-    rng: random.Random, items: Sequence[dict[str, Any]], n: int, trace_share: float
+    rng: random.Random,
+    items: Sequence[dict[str, Any]],
+    n: int,
+    trace_share: float,
+    weights: Sequence[float] | None = None,
 ) -> tuple[list[np.ndarray], dict[str, torch.Tensor]]:
     audios: list[np.ndarray] = []
     labels: list[dict[str, Any]] = []
-    for _ in range(n):
-        item = rng.choice(items)
+    picked = rng.choices(items, weights=weights, k=n) if weights else [rng.choice(items) for _ in range(n)]
+    for item in picked:
         spans = trace_spans(item.get("trace", ""))
         if spans and rng.random() < trace_share:
             a, b = rng.choice(spans)
@@ -241,6 +250,23 @@ def encode(model: Any, processor: Any, audios: list[np.ndarray], chunk: int = 16
     out = torch.empty(len(audios), *parts[0].shape[1:], dtype=parts[0].dtype)
     out[torch.tensor(order)] = torch.cat(parts)
     return out
+
+
+Batch = tuple[list[np.ndarray], dict[str, torch.Tensor]]
+
+
+def window_batches(items: Sequence[dict[str, Any]], category: str, size: int = 50) -> list[Batch]:
+    """Every gold listen of one category's items, batched: the head scores on exactly the spans the
+    traces re-listen to (the mixed validation slices are mostly easy 0-2 event spans)."""
+    spans = [(it, a, min(b, float(it["duration"]))) for it in items if it["category"] == category
+             for a, b in trace_spans(it.get("trace", ""))]  # fmt: skip
+    batches = []
+    for k in range(0, len(spans), size):
+        chunk = spans[k : k + size]
+        labels = [slice_labels(it["events"], a, b) for it, a, b in chunk]
+        y = {name: torch.tensor([lab[name] for lab in labels]) for name in labels[0]}
+        batches.append(([read_slice(it["_audio"], a, b) for it, a, b in chunk], y))
+    return batches
 
 
 def evaluate_heads(
@@ -269,10 +295,16 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
         train=cfg.train, out=cfg.out, seed=cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         layers=cfg.layers, heads=cfg.heads, intermediate_size=cfg.intermediate_size,
         audio_hidden_size=cfg.audio_hidden_size, audio_layers=cfg.audio_layers, audio_tokens=cfg.audio_tokens,
+        audio_time_tokens=cfg.audio_time_tokens,
     )  # fmt: skip
+    if cfg.init is not None:
+        sft_like.init = str(cfg.init / "model")
     model, processor = load_model(sft_like, load_items(cfg.train))
     encoder = model.audio_encoder
-    heads = EventHeads(cfg.audio_tokens, model.config.text_config.hidden_size)
+    heads = EventHeads(model.config.audio_tokens, model.config.text_config.hidden_size)
+    if cfg.init is not None:
+        heads.load_state_dict(torch.load(cfg.init / "heads.pt"))
+    weights = [cfg.category_weights.get(it["category"], 1.0) for it in items] if cfg.category_weights else None
     params = [*encoder.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     val_rng = random.Random(cfg.seed + 1)
@@ -280,6 +312,7 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
     val_batches = [
         sample_batch(val_rng, val_items, 50, cfg.trace_span_share) for _ in range(max(1, cfg.eval_slices // 50))
     ]
+    count_windows = window_batches(val_items, "count")
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "pretrain_config.json").write_text(cfg.model_dump_json(indent=2))
     log = (cfg.out / "pretrain_log.jsonl").open("a")
@@ -290,7 +323,7 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
         lr = cfg.lr * min(1.0, step / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        audios, y = sample_batch(rng, items, cfg.batch_size, cfg.trace_span_share)
+        audios, y = sample_batch(rng, items, cfg.batch_size, cfg.trace_span_share, weights)
         losses = head_losses(heads(encode(model, processor, audios)), y)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
@@ -307,6 +340,8 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
                 model.eval()
                 scores = evaluate_heads(model, processor, heads, val_batches)
                 row.update({f"val_{k}": round(v, 4) for k, v in scores.items()})
+                if count_windows:
+                    row["val_count_windows"] = round(evaluate_heads(model, processor, heads, count_windows)["count"], 4)
                 model.train()
             print(json.dumps(row), flush=True)
             log.write(json.dumps(row) + "\n")

@@ -88,6 +88,7 @@ class SFTConfig(BaseModel):
     audio_hidden_size: int = 128
     audio_layers: int = 2
     audio_tokens: int = 16
+    audio_time_tokens: int = Field(0, description="how many of audio_tokens are time bins (see EchoTinyConfig)")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -212,8 +213,9 @@ def new_echo_tiny(cfg: SFTConfig, corpus: Sequence[str]) -> tuple[Any, Any]:
             "tie_word_embeddings": True, "eos_token_id": ids["<|im_end|>"], "pad_token_id": tok.pad_token_id,
         },
         audio_hidden_size=cfg.audio_hidden_size, audio_layers=cfg.audio_layers, audio_tokens=cfg.audio_tokens,
-        audio_token_id=ids["<|AUDIO|>"], audio_bos_token_id=ids["<|audio_bos|>"],
-        audio_eos_token_id=ids["<|audio_eos|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
+        audio_time_tokens=cfg.audio_time_tokens, audio_token_id=ids["<|AUDIO|>"],
+        audio_bos_token_id=ids["<|audio_bos|>"], audio_eos_token_id=ids["<|audio_eos|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = EchoTinyForConditionalGeneration(config)

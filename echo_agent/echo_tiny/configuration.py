@@ -14,7 +14,9 @@ class EchoTinyConfig(PretrainedConfig):
     duration: strided convolutions to 25 frames/s, average-pooled to at most `max_audio_positions`
     frames (so a 60 s clip is heard at ~4 frames/s while a 1 s slice keeps all 25), a small
     transformer over those frames with sinusoidal embeddings of each frame's time in seconds, and
-    `audio_tokens` learned queries that cross-attend to them. The whole clip is therefore heard
+    `audio_tokens` output tokens: learned queries that cross-attend to them, and, when
+    `audio_time_tokens` > 0, that many of the budget as time bins instead (the mean of the frames
+    over equal fractions of the input's duration). The whole clip is therefore heard
     coarsely and a short re-listened slice finely: the information bottleneck re-listening breaks.
     The text side is a Qwen2 decoder (`text_config`).
     """
@@ -31,6 +33,7 @@ class EchoTinyConfig(PretrainedConfig):
         audio_layers: int = 2,
         audio_heads: int = 4,
         audio_tokens: int = 16,
+        audio_time_tokens: int = 0,
         max_audio_positions: int = 256,
         audio_token_id: int = 0,
         audio_bos_token_id: int = 0,
@@ -45,7 +48,10 @@ class EchoTinyConfig(PretrainedConfig):
         self.audio_hidden_size = audio_hidden_size
         self.audio_layers = audio_layers
         self.audio_heads = audio_heads
+        if not 0 <= audio_time_tokens < audio_tokens:
+            raise ValueError(f"audio_time_tokens must be in [0, audio_tokens), got {audio_time_tokens}")
         self.audio_tokens = audio_tokens
+        self.audio_time_tokens = audio_time_tokens
         self.max_audio_positions = max_audio_positions
         self.audio_token_id = audio_token_id
         self.audio_bos_token_id = audio_bos_token_id

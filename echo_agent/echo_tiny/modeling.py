@@ -37,7 +37,12 @@ class EchoTinyAudioEncoder(nn.Module):
         self.layers = nn.TransformerEncoder(layer, config.audio_layers, enable_nested_tensor=False)
         # The time embedding starts small so it does not drown the convolutions' output.
         self.time_scale = nn.Parameter(torch.tensor(0.1))
-        self.queries = nn.Parameter(torch.randn(config.audio_tokens, d) * 0.02)
+        # Time bins count where queries cannot: a softmax-pooled query averages the frames it attends
+        # to, so it reads "beeps are here" but loses how many; a bin's mean keeps each beep local.
+        self.time_tokens = getattr(config, "audio_time_tokens", 0)
+        self.queries = nn.Parameter(torch.randn(config.audio_tokens - self.time_tokens, d) * 0.02)
+        if self.time_tokens:
+            self.bin_embed = nn.Parameter(torch.randn(self.time_tokens, d) * 0.02)
         self.pool = nn.MultiheadAttention(d, config.audio_heads, batch_first=True)
         self.norm = nn.LayerNorm(d)
         self.proj = nn.Linear(d, config.text_config.hidden_size)
@@ -61,7 +66,12 @@ class EchoTinyAudioEncoder(nn.Module):
         x = features.new_zeros(len(rows), features.shape[1], width)
         for i, r in enumerate(rows):
             x[i, :, : r.shape[-1]] = r
-        x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)  # (n, frames, d)
+        x = F.gelu(self.conv1(x))
+        # Zero conv1's outputs past each row's end, as a row encoded alone sees (conv2's zero padding):
+        # otherwise a padded row's last frame would depend on what it was batched with.
+        half = torch.tensor([(r.shape[-1] - 1) // 2 + 1 for r in rows], device=x.device)
+        x = x * (torch.arange(x.shape[-1], device=x.device).unsqueeze(0) < half.unsqueeze(1)).unsqueeze(1)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (n, frames, d)
         frames = torch.tensor([(r.shape[-1] - 1) // 4 + 1 for r in rows], device=x.device)
         index = torch.arange(x.shape[1], device=x.device)
         pad = index.unsqueeze(0) >= frames.unsqueeze(1)
@@ -70,7 +80,12 @@ class EchoTinyAudioEncoder(nn.Module):
         h = self.layers(h, src_key_padding_mask=pad)
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.pool(q, h, h, key_padding_mask=pad, need_weights=False)
-        out: torch.Tensor = self.proj(self.norm(pooled + q))
+        tokens = pooled + q
+        if self.time_tokens:
+            valid = [h[i, : int(f)].T.unsqueeze(0) for i, f in enumerate(frames)]
+            bins = torch.stack([F.adaptive_avg_pool1d(v, self.time_tokens)[0].T for v in valid])
+            tokens = torch.cat([tokens, bins + self.bin_embed], dim=1)
+        out: torch.Tensor = self.proj(self.norm(tokens))
         return out
 
 
