@@ -23,6 +23,7 @@ from echo_agent.training.audio_pretrain import (
     random_span,
     read_slice,
     sample_batch,
+    score_windows,
     slice_labels,
     trace_spans,
 )
@@ -149,3 +150,7 @@ def test_continuing_from_a_previous_run_starts_from_its_weights(suite: Path, tmp
     assert torch.equal(heads_a["count.weight"], heads_b["count.weight"])
     row = json.loads((tmp_path / "b" / "pretrain_log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= row["val_count_windows"] <= 1.0  # head accuracy on the count items' own windows
+    # Scoring the finished run on the gold listens agrees with what training logged on the same data.
+    scores = score_windows(tmp_path / "b", suite, ["count", "order"])
+    assert scores["count"]["count"] == pytest.approx(row["val_count_windows"], abs=1e-4)
+    assert 0.0 <= scores["order"]["present"] <= 1.0

@@ -351,3 +351,29 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
     processor.save_pretrained(cfg.out / "model")
     torch.save(heads.state_dict(), cfg.out / "heads.pt")
     return cfg.out / "model"
+
+
+# ---- scoring a finished run on the gold listens -----------------------------------------------
+
+
+def score_windows(run: Path, data: Path, categories: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Head accuracy of a stage-0 run (`run`/model, `run`/heads.pt) on every gold listen of each
+    category's items in `data`: how well the encoder's tokens carry what the traces must read there."""
+    from ..backends.transformers import TransformersBackend
+
+    backend = TransformersBackend.from_pretrained(run / "model")
+    model, processor = backend.model.eval(), backend.processor
+    heads = EventHeads(model.config.audio_tokens, model.config.text_config.hidden_size)
+    heads.load_state_dict(torch.load(run / "heads.pt"))
+    items = load_clips(data)
+    return {cat: evaluate_heads(model, processor, heads, window_batches(items, cat)) for cat in categories}
+
+
+if __name__ == "__main__":  # python -m echo_agent.training.audio_pretrain RUN DATA.json [CATEGORY ...]
+    import sys
+
+    from .synth import CATEGORIES
+
+    run_dir, data_file, *cats = sys.argv[1:]
+    for cat, scores in score_windows(Path(run_dir), Path(data_file), cats or CATEGORIES).items():
+        print(cat, json.dumps({k: round(v, 3) for k, v in scores.items()}))
