@@ -536,6 +536,8 @@ def _train_audio(args: argparse.Namespace) -> int:
     for path in (cfg.train, cfg.val):
         if path is not None and not path.is_file():
             raise ConfigError(f"no such data file: {path}")
+    if cfg.init is not None and not ((cfg.init / "model").is_dir() and (cfg.init / "heads.pt").is_file()):
+        raise ConfigError(f"init {cfg.init} is not a stage-0 run folder (model/ and heads.pt)")
     print(pretrain(cfg))
     return 0
 

@@ -359,3 +359,13 @@ def test_chat_survives_kill_and_load_adds_a_clip(
     out = flat(resumed.stdout)
     assert "you: [audio]How many beeps?" in out
     assert "you: [audio]Which clip is longer?" in out
+
+
+def test_stage0_init_that_is_not_a_run_folder_is_a_clean_error(tmp_path: Path, env: dict[str, str]) -> None:
+    data = tmp_path / "t.json"
+    data.write_text("[]")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"init": str(tmp_path / "nowhere"), "steps": 1}))
+    proc = run_cli(["train", "audio", "--train", str(data), "--out", str(tmp_path / "o"), "--config", str(cfg)], env)
+    assert_clean_error(proc, "nowhere")
+    assert not (tmp_path / "o").exists()  # nothing was started

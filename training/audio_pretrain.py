@@ -55,7 +55,9 @@ class AudioPretrainConfig(BaseModel):
     train: Path
     val: Path | None = None
     out: Path
-    init: Path | None = Field(None, description="a previous stage-0 run's folder to continue (model/, heads.pt)")
+    init: Path | None = Field(
+        None, description="a previous stage-0 run's folder to continue (model/, heads.pt); its sizes win over these"
+    )
     steps: int = 3000
     batch_size: int = 48
     lr: float = 2e-3
@@ -269,9 +271,7 @@ def window_batches(items: Sequence[dict[str, Any]], category: str, size: int = 5
     return batches
 
 
-def evaluate_heads(
-    model: Any, processor: Any, heads: EventHeads, batches: list[tuple[list[np.ndarray], dict[str, torch.Tensor]]]
-) -> dict[str, float]:
+def evaluate_heads(model: Any, processor: Any, heads: EventHeads, batches: list[Batch]) -> dict[str, float]:
     totals: dict[str, list[int]] = {}
     with torch.no_grad():
         for audios, y in batches:
@@ -374,6 +374,8 @@ if __name__ == "__main__":  # python -m echo_agent.training.audio_pretrain RUN D
 
     from .synth import CATEGORIES
 
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m echo_agent.training.audio_pretrain RUN DATA.json [CATEGORY ...]")
     run_dir, data_file, *cats = sys.argv[1:]
     for cat, scores in score_windows(Path(run_dir), Path(data_file), cats or CATEGORIES).items():
         print(cat, json.dumps({k: round(v, 3) for k, v in scores.items()}))
