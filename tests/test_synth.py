@@ -18,7 +18,7 @@ from echo_agent.verifier import extract_answer, select_choice, verify
 
 SR = S.SAMPLE_RATE
 MMAU = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
-N_SEGS = {"count": (1, 1), "order": (1, 6), "identify": (1, 1), "pitch": (2, 2), "locate": (1, 4), "duration": (1, 6)}
+N_SEGS = {"count": (1, 1), "order": (1, 7), "identify": (1, 1), "pitch": (2, 2), "locate": (1, 4), "duration": (1, 6)}
 N_CHOICES = {"count": 4, "order": 2, "identify": 4, "pitch": 2, "locate": 4, "duration": 4}
 KIND_SECONDS = {"beep": (0.1, 0.5), "chirp": (0.3, 1.0), "noise burst": (0.2, 1.0), "chord": (0.5, 2.0)}
 SEG_RE = re.compile(r"<seg>(\d+\.\d), (\d+\.\d)</seg>")
@@ -263,17 +263,52 @@ def expected_observation(item: S.PuzzleItem, a: float, b: float) -> str:
             return f" {kind}? no."
         assert _inside(x, a, b), (item.id, x, a, b)  # the slice holds the whole event, never a piece
         return f" {kind}? yes." if item.category == "locate" else f" {kind}? yes; it lasts about {item.answer}."
+    assert item.category == "order"
+    clamped = {(sa, min(sb, item.duration)): obs for (sa, sb), obs in expected_order_steps(item)}
+    return clamped[(a, b)]
+
+
+def _heard(e: dict[str, Any], a: float, b: float) -> bool:
+    """Half of the event, or 0.25 s of it, inside [a, b] (the suite's rule, restated here)."""
+    inside = max(0.0, min(b, e["offset"]) - max(a, e["onset"]))
+    return inside >= min(0.5 * (e["offset"] - e["onset"]), 0.25)
+
+
+def expected_order_steps(item: S.PuzzleItem) -> list[tuple[tuple[float, float], str]]:
+    """An order trace's listens and observations: 10 s windows until one holds a target; if it holds
+    both, zoom (its first 5 s, then the first half of whichever part holds the first target) within
+    the 7-listen budget, until exactly one target is heard."""
     m = re.fullmatch(r"Which is heard first, the (.+) or the (.+)\?", item.question)
-    assert m and item.category == "order"
-    checks = ""
-    for kind in (m[1], m[2]):
-        e = _the(ev, kind)
-        assert _inside(e, a, b) or not _overlaps(e, a, b), (item.id, e, a, b)
-        checks += f" {kind}? {'yes' if _overlaps(e, a, b) else 'no'}."
-    if "yes" not in checks:
-        return checks
-    first = min((_the(ev, m[1]), _the(ev, m[2])), key=lambda e: e["onset"])
-    return f"{checks} The {first['kind']} comes first."
+    assert m
+    ev = item.events
+    x, y = _the(ev, m[1]), _the(ev, m[2])
+    first = min(x, y, key=lambda e: e["onset"])
+    done = f" The {first['kind']} comes first."
+    steps: list[tuple[tuple[float, float], str]] = []
+    for k in range(7):
+        a, b = 10.0 * k, 10.0 * k + 10.0
+        for e in (x, y):
+            assert _inside(e, a, b) or not _overlaps(e, a, b), (item.id, e, a, b)
+        hx, hy = _overlaps(x, a, b), _overlaps(y, a, b)
+        checks = f" {x['kind']}? {'yes' if hx else 'no'}. {y['kind']}? {'yes' if hy else 'no'}."
+        budget = min(2, 6 - k)
+        if not (hx or hy):
+            steps.append(((a, b), checks))
+            continue
+        if hx != hy or budget == 0:
+            return [*steps, ((a, b), checks + done)]
+        steps.append(((a, b), checks))
+        b = a + 5.0
+        for depth in range(budget):
+            hx, hy = _heard(x, a, b), _heard(y, a, b)
+            if hx != hy:  # exactly one heard is always the first one
+                assert (x if hx else y) is first, (item.id, a, b)
+            checks = f" {x['kind']}? {'yes' if hx else 'no'}. {y['kind']}? {'yes' if hy else 'no'}."
+            if hx != hy or depth == budget - 1:
+                return [*steps, ((a, b), checks + done)]
+            steps.append(((a, b), checks))
+            a, b = (a, a + (b - a) / 2) if hx else (b, b + (b - a) / 2)
+    raise AssertionError(f"{item.id}: the scan found nothing in 7 windows")
 
 
 def expected_spans(item: S.PuzzleItem) -> list[tuple[float, float]]:
@@ -286,7 +321,9 @@ def expected_spans(item: S.PuzzleItem) -> list[tuple[float, float]]:
         return [(round(t - 0.5, 1), round(t + 0.5, 1)) for t in _floats(q)]
     if item.category == "locate":  # the choices in listed order, up to the answer
         return [(_floats(c)[0], _floats(c)[1]) for c in item.choices[: item.choices.index(item.answer) + 1]]
-    spans = []  # order, duration: 10 s windows from 0 s up to the first whose slice is not "absent"
+    if item.category == "order":
+        return [span for span, _ in expected_order_steps(item)]
+    spans = []  # duration: 10 s windows from 0 s up to the first whose slice is not "absent"
     for k in range(7):
         spans.append((10.0 * k, 10.0 * k + 10.0))
         if "yes" in expected_observation(item, *spans[-1]):
@@ -340,6 +377,8 @@ def test_phrasings_are_few(planned: list[S.PuzzleItem]) -> None:
             " X? yes. X? no. The X comes first.",
             " X? no. X? yes. The X comes first.",
             " X? yes. X? yes. The X comes first.",
+            " X? yes. X? yes.",  # a window holding both: zoom in
+            " X? no. X? no. The X comes first.",  # zoomed past the budget: the answer from the window
         },
         "duration": {" X? no.", " X? yes; it lasts about N s."},
     }

@@ -19,8 +19,12 @@ times) decided by what the inserted slice holds. Each listen is preceded by ``I 
   `` chord? yes.`` (1–4 listens; the answer's position is balanced).
 - ``order`` and ``duration``: scan the clip in 10 s windows from 0 s (``0.0, 10.0``, ``10.0, 20.0``, ...;
   the last window may end past the clip, which the runtime clamps) until the first window holding a
-  target: `` click? no. chord? no.`` then `` click? yes. chord? no. The click comes first.`` (both may be
-  ``yes``); `` chord? no.`` then `` chord? yes; it lasts about 1.0 s.`` The events these scans look for
+  target: `` click? no. chord? no.`` then `` click? yes. chord? no. The click comes first.``;
+  `` chord? no.`` then `` chord? yes; it lasts about 1.0 s.`` When one `order` window holds both targets
+  (`` click? yes. chord? yes.``) the trace zooms in: the window's first 5 s, then the first half of
+  whichever part holds the first target, until one listen hears exactly one target (at most 2 zoom
+  listens, fewer when the scan has used the budget; the last step then names the answer from what it
+  heard). The events these scans look for
   lie inside one window (≥ 0.2 s from its ends), never across a multiple of 10 s, and within the first 70 s,
   so a scan takes at most 7 listens (6 on the default ≤ 60 s clips).
 
@@ -111,6 +115,7 @@ _PEAK = 0.9
 _WINDOW = 10.0  # `order` and `duration` traces scan the clip in windows of this many seconds from 0 s
 _WINDOW_MARGIN = 0.2  # the events those scans look for lie this far inside one window, never across two
 _MAX_SCAN = 7  # ... and in the first 7 windows, so a scan fits the runtime's 7 re-listens on any clip length
+_ZOOM_DEPTH = 2  # `order`: listens into a window that holds both targets (5 s, then 2.5 s), within those 7
 
 Waveform = npt.NDArray[np.float32]
 _F64 = npt.NDArray[np.float64]
@@ -354,6 +359,30 @@ def _scan(n: int, last: int, found: str, missing: str) -> tuple[list[tuple[float
     return steps, [[last * _WINDOW, min((last + 1) * _WINDOW, n / _SR)]]
 
 
+def _zoom(ex: _Event, ey: _Event, start: float, budget: int, answer: str) -> list[tuple[float, float, str]]:
+    """The listens after a scan window heard both targets: its first half, then the first half of
+    whichever part holds the first target (both heard: the span's own first half; neither: the next
+    quarter), until exactly one target is heard or `budget` listens are spent. The last step names
+    the answer. With no budget left (a scan that took all 7 listens) the window's step names it.
+
+    Exactly one heard settles it: the first event ends before the second starts, so a span starting
+    at or before the first event's onset that hears the second also hears the first."""
+    x, y = ex.kind, ey.kind
+    if budget <= 0:
+        return []
+    steps: list[tuple[float, float, str]] = []
+    a, b = start, start + _WINDOW / 2
+    for depth in range(budget):
+        heard = kinds_heard([(e.kind, e.onset, e.offset) for e in (ex, ey)], a, b)
+        checks = f"{_check(x, x in heard)}{_check(y, y in heard)}"
+        if len(heard) == 1 or depth == budget - 1:
+            steps.append((a, b, f"{checks} The {answer} comes first."))
+            break
+        steps.append((a, b, checks))
+        a, b = (a, a + (b - a) / 2) if heard else (b, b + (b - a) / 2)
+    return steps
+
+
 def kinds_heard(events: Iterable[tuple[str, float, float]], start: float, end: float) -> list[str]:
     """The kinds of the (kind, onset, offset) events heard in [start, end], in `KINDS` order. An event
     counts when half of it, or 0.25 s of it, lies inside: the rule echo-tiny's encoder is pretrained on."""
@@ -466,9 +495,15 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     choices = _place_choices(rng, answer, [second.kind], pos)
     question = f"Which is heard first, the {x} or the {y}?"
     last = _window_of(first)
-    both = _window_of(second) == last
-    found = f"{_check(x, x_first or both)}{_check(y, not x_first or both)} The {answer} comes first."
-    steps, evidence = _scan(tl.n, last, found, f"{_check(x, False)}{_check(y, False)}")
+    missing = f"{_check(x, False)}{_check(y, False)}"
+    if _window_of(second) != last:
+        found = f"{_check(x, x_first)}{_check(y, not x_first)} The {answer} comes first."
+        steps, evidence = _scan(tl.n, last, found, missing)
+    else:  # both in one window: its 16 tokens cannot tell which came first, so zoom in
+        zoom = _zoom(ex, ey, last * _WINDOW, min(_ZOOM_DEPTH, _MAX_SCAN - 1 - last), answer)
+        found = f"{_check(x, True)}{_check(y, True)}" + ("" if zoom else f" The {answer} comes first.")
+        steps = _scan(tl.n, last, found, missing)[0] + zoom
+        evidence = [[steps[-1][0], min(steps[-1][1], tl.n / _SR)]]
     # The lead restates what to look for, so later steps copy it from nearby text, not from the question.
     trace = _trace(f"I look for the {x} and the {y} in 10-second windows.", steps, answer)
     return question, choices, answer, evidence, trace
