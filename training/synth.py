@@ -499,7 +499,7 @@ def _build_order(rng: np.random.Generator, tl: _Timeline, seed: int, slot: int |
     if _window_of(second) != last:
         found = f"{_check(x, x_first)}{_check(y, not x_first)} The {answer} comes first."
         steps, evidence = _scan(tl.n, last, found, missing)
-    else:  # both in one window: its 16 tokens cannot tell which came first, so zoom in
+    else:  # both in one window: its tokens cannot tell which came first, so zoom in
         zoom = _zoom(ex, ey, last * _WINDOW, min(_ZOOM_DEPTH, _MAX_SCAN - 1 - last), answer)
         found = f"{_check(x, True)}{_check(y, True)}" + ("" if zoom else f" The {answer} comes first.")
         steps = _scan(tl.n, last, found, missing)[0] + zoom
