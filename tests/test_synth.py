@@ -378,7 +378,7 @@ def test_phrasings_are_few(planned: list[S.PuzzleItem]) -> None:
             " X? no. X? yes. The X comes first.",
             " X? yes. X? yes. The X comes first.",
             " X? yes. X? yes.",  # a window holding both: zoom in
-            " X? no. X? no. The X comes first.",  # zoomed past the budget: the answer from the window
+            " X? no. X? no. The X comes first.",  # the last zoom listen heard neither: named all the same
         },
         "duration": {" X? no.", " X? yes; it lasts about N s."},
     }

@@ -23,8 +23,8 @@ times) decided by what the inserted slice holds. Each listen is preceded by ``I 
   `` chord? no.`` then `` chord? yes; it lasts about 1.0 s.`` When one `order` window holds both targets
   (`` click? yes. chord? yes.``) the trace zooms in: the window's first 5 s, then the first half of
   whichever part holds the first target, until one listen hears exactly one target (at most 2 zoom
-  listens, fewer when the scan has used the budget; the last step then names the answer from what it
-  heard). The events these scans look for
+  listens, fewer when the scan has used the budget; the last step names the answer even when it
+  still heard both or neither). The events these scans look for
   lie inside one window (≥ 0.2 s from its ends), never across a multiple of 10 s, and within the first 70 s,
   so a scan takes at most 7 listens (6 on the default ≤ 60 s clips).
 
