@@ -7,9 +7,9 @@ re-listen (the approach of tests/memorize.py), so greedy decoding really stops o
 is cut and fed back, and the model answers. Then the same question is answered, interleaved, by:
 
 * graph: `EchoAgent(backend, store, config).ask(...)`, i.e. `graph.ainvoke` without a checkpointer;
-* bare loop: a plain async loop doing what the graph's nodes do (user turn from `format_question`,
-  `backend.generate`, `SegTagProtocol.absorb`, `ListenTool`, `SegTagProtocol.deliver`, `verify`),
-  without LangGraph and without a streaming callback (`on_delta=None`);
+* bare loop: a plain async loop over the very steps the graph's nodes wrap (`echo_agent.graphs.steps`:
+  open_question, model_request, absorb_generation, apply_listens, judge), without LangGraph and without a
+  streaming callback (`on_delta=None`);
 * graph, no on_delta (diagnostic): the graph again, with the `on_delta` its model node always passes
   dropped before the backend; it splits the graph's overhead into LangGraph itself and the backend's
   per-token streamer, which `ainvoke` pays for although nothing is streamed.
@@ -37,19 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import soundfile as sf
 import torch
 from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_beeps
+from memorize import Trace, memorize
 
 from echo_agent.agent import EchoAgent, Result
 from echo_agent.audio import AudioRef, AudioStore
 from echo_agent.backends.base import AudioResolver, DeltaCallback, Generation, GenerationRequest
-from echo_agent.backends.transformers import TransformersBackend, collate_audio_features
+from echo_agent.backends.transformers import TransformersBackend
 from echo_agent.config import AgentConfig, SamplingParams
-from echo_agent.graphs.echo import generated_token_count, response_text  # helpers only; no LangGraph runs
-from echo_agent.messages import Message, Part, audio_part, text_part
-from echo_agent.prompts import RETRY_NUDGE, format_question
+from echo_agent.graphs import steps
+from echo_agent.graphs.state import new_question
+from echo_agent.messages import Message
 from echo_agent.protocols import SegTagProtocol
 from echo_agent.tiny_models import (
     QWEN_TOKEN_IDS,
@@ -57,31 +59,22 @@ from echo_agent.tiny_models import (
     build_tiny_qwen2_audio,
     tiny_qwen2_audio_config,
 )
-from echo_agent.tools.listen import ListenCall, ListenOutcome, ListenTool
-from echo_agent.verifier import verify
+from echo_agent.tools.listen import ListenTool
 
 TARGET = 1.05
 SR = 16000
 BEEPS = [(1.0, 0.2), (2.3, 0.2), (2.7, 0.2), (4.5, 0.3)]
 QUESTION, CHOICES, GOLD = "How many beeps are there?", ["3", "4", "5"], "4"
 # The trace the model memorises (as in tests/test_graph_e2e.py): think, re-listen to 2-3 s, answer.
-BEFORE = "<think>Two beeps sit close together near <seg>2.0, 3.0</seg>"
 SPAN = (2.0, 3.0)
-AFTER = " yes, two there, one at 1 s and one at 4.5 s.</think><answer>4</answer>"
+TRACE = Trace(
+    before="<think>Two beeps sit close together near <seg>2.0, 3.0</seg>",
+    span=SPAN,
+    after=" yes, two there, one at 1 s and one at 4.5 s.</think><answer>4</answer>",
+)
 
 
 # ---- setup: audio, model, memorised trace -----------------------------------------------------------
-
-
-def write_wav(path: Path, seconds: float = 6.0) -> Path:
-    """A real WAV file: low background noise plus 880 Hz beeps at (onset, length) in seconds."""
-    t = np.arange(int(SR * seconds)) / SR
-    x = 0.01 * np.random.default_rng(0).standard_normal(len(t))
-    for onset, length in BEEPS:
-        m = (t >= onset) & (t < onset + length)
-        x[m] += 0.5 * np.sin(2 * np.pi * 880.0 * t[m])
-    sf.write(path, x.astype(np.float32), SR)
-    return path
 
 
 def build_backend(hidden: int, layers: int, seed: int = 0) -> TransformersBackend:
@@ -108,51 +101,10 @@ def build_backend(hidden: int, layers: int, seed: int = 0) -> TransformersBacken
 
 
 def user_message(ref: AudioRef) -> Message:
-    """The user turn the graph's `prepare` node builds for one clip 'main'."""
-    text = format_question(QUESTION, CHOICES, {"main": ref.duration}, "main")
-    return {"role": "user", "content": [audio_part("main"), text_part(text)]}
-
-
-def memorize(backend: TransformersBackend, user: Message, audio: AudioResolver, steps: int, lr: float = 1e-2) -> float:
-    """Teacher-force the trace into `backend.model` (tests/memorize.py's approach); returns the final loss.
-
-    Ids come from `backend.encode` on ever longer partial assistant turns, so they are exactly what
-    the backend will build at inference. Loss covers only the model's text; the inserted slice is
-    masked and the audio encoder is frozen, as in Echo's SFT stage.
-    """
-    assistant: list[Part] = [text_part(BEFORE, "model"), audio_part("main", *SPAN), text_part(AFTER, "model")]
-    prompt = backend.encode(GenerationRequest(messages=[user]), audio)
-    ids, labels = list(prompt.input_ids), [-100] * len(prompt.input_ids)
-    audios = prompt.audios
-    for k, part in enumerate(assistant, start=1):
-        partial: Message = {"role": "assistant", "content": assistant[:k]}
-        enc = backend.encode(GenerationRequest(messages=[user, partial], continue_final=True), audio)
-        if enc.input_ids[: len(ids)] != ids:
-            raise RuntimeError("encoding a longer assistant turn changed its prefix")
-        new = enc.input_ids[len(ids) :]
-        ids += new
-        labels += [-100] * len(new) if part["type"] == "audio" else new
-        audios = enc.audios
-    ids.append(QWEN_TOKEN_IDS["<|im_end|>"])
-    labels.append(ids[-1])
-
-    model: Any = backend.model
-    model.train()
-    model.model.audio_tower.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    input_ids, label_t = torch.tensor([ids]), torch.tensor([labels])
-    feats = collate_audio_features(backend.family, audios)
-    loss = float("inf")
-    for _ in range(steps):
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=label_t, **feats)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        loss = float(out.loss.item())
-        if loss < 0.01:
-            break
-    model.eval()
-    return loss
+    """The user turn the graph's `prepare` step builds for one clip 'main'."""
+    state = steps.initial_state(new_question(QUESTION, {"main": ref.model_dump()}, CHOICES))
+    first: Message = steps.open_question(state)["conversation"][0]
+    return first
 
 
 # ---- a pass-through backend that records every model call ---------------------------------------------
@@ -203,56 +155,26 @@ async def bare_ask(
     choices: list[str],
     gold: str | None,
 ) -> Result:
-    """What the graph does for one question on one clip, as a plain loop: same requests, same result."""
+    """What the graph does for one question on one clip, as a plain loop over the graph's own steps
+    (`echo_agent.graphs.steps`): same requests, same result, no LangGraph."""
     protocol, tool = SegTagProtocol(), ListenTool(cfg.listen)
     ref = store.load(wav)  # EchoAgent.ask loads (hashes) the file on every question too
-    clips = {"main": ref}
-    resolver = AudioResolver(store, clips)
-    text = format_question(question, choices, {"main": ref.duration}, "main")
-    conversation: list[Message] = [{"role": "user", "content": [audio_part("main"), text_part(text)]}]
-    attempt_start, open_turn, used, model_calls, retries = len(conversation), False, 1, 0, 0
-    listens: list[ListenCall] = []
+    state = steps.initial_state(new_question(question, {"main": ref.model_dump()}, choices, gold))
+    state.update(steps.open_question(state))
+    resolver = AudioResolver(store, {"main": ref})
     while True:
-        sampling = cfg.sampling
-        if sampling.seed is not None:
-            sampling = sampling.model_copy(update={"seed": sampling.seed + model_calls})
-        request = GenerationRequest(
-            messages=conversation,
-            continue_final=protocol.continues_turn(open_turn),
-            stop=protocol.stop,
-            tools=protocol.tools,
-            sampling=sampling,
-        )
+        request = steps.model_request(state, cfg, protocol, cfg.sampling)
         gen = await backend.generate(request, resolver)  # no streaming callback: nobody listens
-        conversation, requests = protocol.absorb(conversation, gen, open_turn)
-        open_turn = bool(requests) and protocol.continues_turn(True)
-        model_calls += 1
-        if requests:
-            outcomes: list[ListenOutcome] = []
-            for req in requests:
-                outcome = tool(req, clips, used, default_clip="main")
-                used += int(outcome.valid)
-                outcomes.append(outcome)
-            conversation = protocol.deliver(conversation, outcomes)
-            listens += [o.call for o in outcomes]
-            if model_calls < cfg.max_model_calls:
+        state.update(steps.absorb_generation(state, gen, protocol))
+        if state["pending"]:
+            update, _ = steps.apply_listens(state, tool, protocol)
+            state.update(update)
+            if steps.may_continue(state, cfg):
                 continue
-        reasoning = response_text(conversation, attempt_start)
-        verdict = verify(reasoning, choices, gold, sum(c.valid for c in listens))
-        if verdict.retry_reason is not None and retries < cfg.max_retries and model_calls < cfg.max_model_calls:
-            nudge = text_part(RETRY_NUDGE[verdict.retry_reason], "runtime")
-            conversation = [*conversation, {"role": "user", "content": [nudge]}]
-            retries, attempt_start, open_turn = retries + 1, len(conversation), False
-            continue
-        return Result(
-            answer=verdict.answer,
-            choice=verdict.choice,
-            listens=listens,
-            verdict=verdict,
-            text=reasoning,
-            status="answered" if verdict.answer is not None else "no_answer",
-            generated_tokens=generated_token_count(conversation, 0),
-        )
+        update, _ = steps.judge(state, cfg)
+        state.update(update)
+        if state["status"] != "retry":
+            return Result.from_state(state)
 
 
 # ---- measurement ----------------------------------------------------------------------------------------
@@ -328,12 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
     with tempfile.TemporaryDirectory() as tmp:
-        wav = write_wav(Path(tmp) / "beeps.wav")
+        wav = write_beeps(Path(tmp) / "beeps.wav", 6.0, BEEPS)
         backend = build_backend(args.hidden, args.layers)
         store = AudioStore()
         ref = store.load(wav)
         t0 = time.perf_counter()
-        loss = memorize(backend, user_message(ref), AudioResolver(store, {"main": ref}), args.steps)
+        loss = memorize(backend, user_message(ref), TRACE, AudioResolver(store, {"main": ref}), args.steps)
         train_s = time.perf_counter() - t0
         params = sum(p.numel() for p in backend.model.parameters())
         log(f"model {backend.name} ({params / 1e6:.2f} M params), torch threads {torch.get_num_threads()}")

@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field
 
 from .audio import AudioRef, AudioStore
 from .backends.base import ModelBackend
-from .config import AgentConfig
+from .config import AgentConfig, SamplingParams
 from .errors import ConfigError
 from .graphs import EchoInput, build_echo_graph, new_question
 from .graphs.echo import EchoGraph
+from .graphs.state import EchoContext
 from .tools.listen import ListenCall
 from .verifier import Verdict
 
@@ -68,7 +69,8 @@ def load_backend(
     model: str | None = None, *, base_url: str | None = None, api_key_env: str | None = None,
     openai_options: OpenAIOptions | None = None,
 ) -> ModelBackend:  # fmt: skip
-    """A backend by name: a tiny random built-in model, a local transformers model directory, or a model
+    """A backend by name (default `echo-tiny`, the shipped model): `echo-tiny`, a tiny random built-in model
+    (`tiny-random-qwen2-audio`, `tiny-random-qwen2.5-omni`, for tests), a local transformers model directory, or a model
     behind an OpenAI-compatible server, written `openai:MODEL@http://HOST:PORT/v1` (or `openai:MODEL`
     with `base_url`). The server's API key comes from the variable `api_key_env` names, else
     $ECHO_API_KEY, else $OPENAI_API_KEY."""
@@ -127,6 +129,10 @@ class EchoAgent:
     def _config(thread_id: str | None) -> RunnableConfig:
         return {"configurable": {"thread_id": thread_id}} if thread_id else {}
 
+    @staticmethod
+    def _context(sampling: SamplingParams | None) -> EchoContext:
+        return EchoContext(sampling=sampling)
+
     async def ask(
         self,
         audio: AudioInput | Mapping[str, AudioInput] | None,
@@ -135,8 +141,12 @@ class EchoAgent:
         *,
         gold: str | None = None,
         thread_id: str | None = None,
+        sampling: SamplingParams | None = None,
     ) -> Result:
-        state = await self.graph.ainvoke(self._input(audio, question, choices, gold), self._config(thread_id))
+        """Answer one question. `sampling` overrides the config's for this run only (one graph serves all)."""
+        state = await self.graph.ainvoke(
+            self._input(audio, question, choices, gold), self._config(thread_id), context=self._context(sampling)
+        )
         return Result.from_state(state)
 
     async def astream(
@@ -147,11 +157,13 @@ class EchoAgent:
         *,
         gold: str | None = None,
         thread_id: str | None = None,
+        sampling: SamplingParams | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         final: dict[str, Any] = {}
         async for mode, chunk in self.graph.astream(
             self._input(audio, question, choices, gold),
             self._config(thread_id),
+            context=self._context(sampling),
             stream_mode=["custom", "values"],
         ):
             if mode == "custom":

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from .config import AgentConfig, SamplingParams
+from .chat import next_clip_name, split_choices
+from .config import AUDIO_MODES, AgentConfig, SamplingParams, reward_weights
 from .errors import ConfigError, EchoError
 
 EXIT_USAGE = 2
@@ -33,7 +34,10 @@ def _home() -> Path:
 def _agent_config(args: argparse.Namespace) -> AgentConfig:
     try:
         sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        return AgentConfig(sampling=sampling, protocol=args.protocol, mode=getattr(args, "mode", "interleaved"))
+        return AgentConfig(
+            sampling=sampling, protocol=args.protocol, mode=getattr(args, "mode", "interleaved"),
+            reward=reward_weights(getattr(args, "reward", None) or "paper"),
+        )  # fmt: skip
     except ValidationError as err:
         problems = "; ".join(f"--{str(e['loc'][-1]).replace('_', '-')}: {e['msg']}" for e in err.errors())
         raise ConfigError(problems) from None
@@ -43,8 +47,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="model directory, built-in name, or openai:MODEL@http://HOST:PORT/v1 for a model behind an "
-        "OpenAI-compatible server such as vLLM (default: the built-in tiny random model)",
+        help="model directory, built-in name (echo-tiny, tiny-random-qwen2-audio, tiny-random-qwen2.5-omni), or "
+        "openai:MODEL@http://HOST:PORT/v1 for a model behind an OpenAI-compatible server such as vLLM "
+        "(default: echo-tiny, the shipped model)",
     )
     p.add_argument(
         "--base-url", default=None, help="OpenAI-compatible server for --model MODEL (same as openai:MODEL@URL)"
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help="benchmark file; audio paths are relative to it")
     ev.add_argument(
         "--mode",
-        choices=["interleaved", "grounded", "text"],
+        choices=AUDIO_MODES,
         default="interleaved",
         help="interleaved: re-listened audio is inserted; grounded: <seg> tags without audio; text: no tags",
     )
@@ -118,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
     col.add_argument("--samples", type=int, required=True, help="trajectories per item (K)")
     col.add_argument("--out", required=True, help="trajectories file (JSON lines); a rerun resumes it")
-    col.add_argument("--mode", choices=["interleaved", "grounded", "text"], default="interleaved")
+    col.add_argument("--mode", choices=AUDIO_MODES, default="interleaved")
+    col.add_argument("--reward", choices=["paper", "deepeyes"], default="paper",
+                     help="reward weights of the verifier (default: paper)")  # fmt: skip
     col.add_argument("--limit", type=int, default=None, help="only the first N items")
     col.add_argument("--concurrency", type=int, default=16, help="graph runs in flight (default: %(default)s)")
     col.add_argument("--max-batch", type=int, default=32, help="generate requests decoded together (default: 32)")
@@ -160,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
     sft.add_argument(
         "--audio-mode",
-        choices=["interleaved", "cold_start", "text"],
+        choices=AUDIO_MODES,
         default="interleaved",
-        help="interleaved: listened audio inserted; cold_start: <seg> tags, no audio; text: no listens",
+        help="interleaved: listened audio inserted; grounded (the paper's cold start): <seg> tags, no audio; "
+        "text: no listens",
     )
     sft.add_argument("--config", default=None, help="JSON file of further SFTConfig fields")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
@@ -264,17 +272,6 @@ async def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-_CHOICES_RE = re.compile(r"\[([^\[\]]*\|[^\[\]]*)\]\s*$")
-
-
-def split_choices(line: str) -> tuple[str, list[str]]:
-    """`How many beeps? [2 | 3 | 4]` -> ("How many beeps?", ["2", "3", "4"])."""
-    m = _CHOICES_RE.search(line)
-    if not m:
-        return line.strip(), []
-    return line[: m.start()].strip(), [c.strip() for c in m.group(1).split("|") if c.strip()]
-
-
 async def _chat(args: argparse.Namespace) -> int:
     from .audio import AudioRef, AudioStore
 
@@ -315,7 +312,7 @@ async def _chat(args: argparse.Namespace) -> int:
                 if sha == ref.sha256:
                     console.print(f"[dim]{path} is already loaded as '{cid}'[/]")
                     return
-            cid = clip_id or ("main" if not clips and not pending else f"clip{len(clips) + len(pending) + 1}")
+            cid = clip_id or next_clip_name([*clips, *pending])
             pending[cid] = ref
             console.print(f"[dim]loaded {path} as '{cid}' ({ref.duration:.1f} s)[/]")
 
@@ -360,6 +357,7 @@ async def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import SecretStr
 
+    from .agent import DEFAULT_MODEL as default_model
     from .serve import ServeConfig
 
     config = _agent_config(args)
@@ -375,7 +373,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
     try:
         serve_config = ServeConfig(
-            model_name=(args.model or "tiny-random-qwen2-audio").removeprefix("openai:").split("@http")[0],
+            model_name=(args.model or default_model).removeprefix("openai:").split("@http")[0],
             api_token=SecretStr(token) if token else None,
             allow_file_dirs=[Path(d) for d in args.allow_file_dir],
             max_request_bytes=int(args.max_request_mb * 1024 * 1024),
@@ -394,7 +392,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _eval(args: argparse.Namespace) -> int:
-    from .training.eval import check_out, evaluate, load_benchmark
+    from .benchmarks import load_benchmark
+    from .evaluation import check_out, evaluate
 
     # Validate the arguments and the data before loading anything heavy (the model).
     if args.limit is not None and args.limit < 1:
@@ -408,8 +407,10 @@ async def _eval(args: argparse.Namespace) -> int:
         check_out(out, items)
 
     from .agent import EchoAgent
+    from .graphs.runner import batched
 
-    agent = EchoAgent(_backend(args), config=config)
+    # Concurrent questions share the model's decode steps (a local model; a server batches itself).
+    agent = EchoAgent(batched(_backend(args)) if args.concurrency > 1 else _backend(args), config=config)
     report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
 
     from rich.table import Table
@@ -440,8 +441,8 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 async def _collect(args: argparse.Namespace) -> int:
+    from .benchmarks import load_benchmark
     from .training.collect import collect, export_parquet
-    from .training.eval import load_benchmark
 
     # Validate the arguments and the data before loading anything heavy (the model).
     for name in ("samples", "concurrency", "max_batch"):
@@ -463,13 +464,13 @@ async def _collect(args: argparse.Namespace) -> int:
             raise ConfigError("--parquet needs pyarrow: pip install 'echo-agent[export]'")
 
     from .agent import EchoAgent, load_backend
-    from .backends.batching import BatchingBackend
     from .backends.transformers import TransformersBackend
+    from .graphs.runner import batched
 
     backend = load_backend(args.model)
     if not isinstance(backend, TransformersBackend):
         raise ConfigError("collect needs a local transformers model")
-    agent = EchoAgent(BatchingBackend(backend, max_batch=args.max_batch), config=config)
+    agent = EchoAgent(batched(backend, args.max_batch), config=config)
     summary = await collect(
         agent, items, samples=args.samples, out=out, seed=args.seed, limit=args.limit,
         concurrency=args.concurrency, progress=True,
@@ -515,27 +516,34 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_error(err: ValidationError) -> ConfigError:
-    return ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+def _trainer_config(cls: type[Any], args: argparse.Namespace, required: dict[str, Any], flags: Sequence[str]) -> Any:
+    """The trainers' one config merge: a --config JSON file, then the required arguments, then each flag given.
+    A bad value is a clear error before any work starts."""
+    try:
+        fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--config {args.config}: {err}") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--config {args.config}: expected a JSON object of config fields")
+    fields.update(required)
+    given = {name: getattr(args, name, None) for name in flags}
+    fields.update({name: v for name, v in given.items() if v is not None and v is not False})  # unset flags
+    try:
+        cfg = cls.model_validate(fields)
+    except ValidationError as err:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    train = cfg.train if isinstance(cfg.train, list) else [cfg.train]
+    for path in (*train, cfg.val):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"no such data file: {path}")
+    return cfg
 
 
 def _train_audio(args: argparse.Namespace) -> int:
     from .training.audio_pretrain import AudioPretrainConfig, pretrain
 
-    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    fields.update(train=args.train, out=args.out)
-    for name in ("steps", "batch_size", "lr", "seed"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if args.val:
-        fields["val"] = args.val
-    try:
-        cfg = AudioPretrainConfig.model_validate(fields)
-    except ValidationError as err:
-        raise _config_error(err) from None
-    for path in (cfg.train, cfg.val):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"no such data file: {path}")
+    cfg = _trainer_config(AudioPretrainConfig, args, {"train": args.train, "out": args.out},
+                          ("steps", "batch_size", "lr", "seed", "val"))  # fmt: skip
     if cfg.init is not None and not ((cfg.init / "model").is_dir() and (cfg.init / "heads.pt").is_file()):
         raise ConfigError(f"init {cfg.init} is not a stage-0 run folder (model/ and heads.pt)")
     print(pretrain(cfg))
@@ -545,21 +553,9 @@ def _train_audio(args: argparse.Namespace) -> int:
 def _train_grpo(args: argparse.Namespace) -> int:
     from .training.grpo import GRPOConfig, train
 
-    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    fields.update(train=args.train, out=args.out, init=args.init)
-    for name in ("audio_mode", "reward", "steps", "group_size", "items_per_step", "lr", "kl_coef", "eval_every",
-                 "seed", "val"):  # fmt: skip
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if args.lora:
-        fields["lora"] = True
-    try:
-        cfg = GRPOConfig.model_validate(fields)
-    except ValidationError as err:
-        raise _config_error(err) from None
-    for path in (cfg.train, cfg.val):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"no such data file: {path}")
+    flags = ("audio_mode", "reward", "steps", "group_size", "items_per_step", "lr", "kl_coef", "eval_every", "seed",
+             "val", "lora")  # fmt: skip
+    cfg = _trainer_config(GRPOConfig, args, {"train": args.train, "out": args.out, "init": args.init}, flags)
     if not (Path(cfg.init) / "config.json").is_file():
         raise ConfigError(f"--init {cfg.init} is not a model directory")
     print(train(cfg))
@@ -569,22 +565,8 @@ def _train_grpo(args: argparse.Namespace) -> int:
 def _train_sft(args: argparse.Namespace) -> int:
     from .training.sft import SFTConfig, train
 
-    fields: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
-    fields.update(train=args.train, out=args.out, init=args.init, audio_mode=args.audio_mode)
-    for name in ("steps", "batch_size", "lr", "eval_every", "seed"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if args.val:
-        fields["val"] = args.val
-    if args.lora:
-        fields["lora"] = True
-    try:
-        cfg = SFTConfig.model_validate(fields)
-    except ValidationError as err:
-        raise _config_error(err) from None
-    for path in (*cfg.train, cfg.val):
-        if path is not None and not path.is_file():
-            raise ConfigError(f"no such data file: {path}")
+    required = {"train": args.train, "out": args.out, "init": args.init, "audio_mode": args.audio_mode}
+    cfg = _trainer_config(SFTConfig, args, required, ("steps", "batch_size", "lr", "eval_every", "seed", "val", "lora"))
     print(train(cfg))
     return 0
 

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from .verifier import RewardWeights
+
+AudioMode = Literal["interleaved", "grounded", "text"]
+"""The paper's Table 3 settings, named alike in the graph, SFT, GRPO, eval and the CLI:
+interleaved = re-listened audio is inserted; grounded = `<seg>` tags stay in the text but nothing is inserted
+(generation runs on past them; SFT's stage-1 cold start); text = no `<seg>` tags (the backend suppresses them)."""
+AUDIO_MODES: tuple[AudioMode, ...] = ("interleaved", "grounded", "text")
+ProtocolName = Literal["seg", "function"]
+RewardName = Literal["paper", "deepeyes"]
+
+
+def reward_weights(name: RewardName) -> RewardWeights:
+    """The named reward weighting: the paper's (Echo) or DeepEyes'."""
+    return RewardWeights.deepeyes() if name == "deepeyes" else RewardWeights.paper()
 
 
 class ListenLimits(BaseModel):
@@ -36,13 +53,8 @@ class AgentConfig(BaseModel):
     sampling: SamplingParams = SamplingParams()
     max_model_calls: int = Field(default=12, ge=1, description="generate calls per question, retries included")
     max_retries: int = Field(default=1, ge=0, description="verifier -> model retries for a missing/malformed answer")
-    protocol: str = Field(default="seg", pattern="^(seg|function)$", description="seg tags or function calls")
-    mode: str = Field(
-        default="interleaved",
-        pattern="^(interleaved|grounded|text)$",
-        description=(
-            "the paper's Table 3 settings: interleaved = re-listened audio is inserted; grounded = <seg> tags "
-            "stay in the text but nothing is inserted (generation runs on past them); text = no <seg> tags "
-            "(the backend is told to suppress them)"
-        ),
-    )
+    protocol: ProtocolName = Field(default="seg", description="seg tags or function calls")
+    mode: AudioMode = Field(default="interleaved", description="see `AudioMode`")
+    # The verifier node computes the reward once with these weights: the verdict in state, in `Result`, in
+    # every `Trajectory` and in the GRPO loss is one number.
+    reward: RewardWeights = Field(default_factory=RewardWeights.paper, description="reward weights (design §5)")

@@ -50,3 +50,7 @@ class ConfigError(EchoError):
 
 class BackendError(EchoError):
     """A model backend failed in a way the caller should see (bad model path, server unreachable)."""
+
+
+class DataError(EchoError):
+    """A benchmark, results or trajectories file is missing or malformed."""

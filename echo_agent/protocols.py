@@ -69,8 +69,9 @@ def parse_closing_seg(text: str) -> ListenRequest:
 
 def _model_text(gen: Generation) -> TextPart:
     part = text_part(gen.text, "model")
-    part["token_ids"] = list(gen.token_ids)
-    part["logprobs"] = list(gen.logprobs)
+    if gen.token_ids or not gen.text:  # text without ids (teacher forcing) is tokenised when encoded
+        part["token_ids"] = list(gen.token_ids)
+        part["logprobs"] = list(gen.logprobs)
     return part
 
 

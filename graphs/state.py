@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
+from pydantic import BaseModel, ConfigDict
 from typing_extensions import TypedDict
 
+from ..config import SamplingParams
 from ..messages import Message
 
 Status = Literal["running", "retry", "answered", "no_answer"]
@@ -27,9 +29,6 @@ class EchoInput(TypedDict):
     choices: NotRequired[list[str]]
     gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
     active_clip: NotRequired[str | None]  # which clip plain <seg> tags refer to; None: the newest
-    # Sampling seed of this question (call i samples with seed + i); None: the config's. `collect` sets it
-    # per (item, sample) so one compiled graph serves every run and a rerun samples the same trajectory.
-    seed: NotRequired[int | None]
 
 
 class EchoOutput(TypedDict):
@@ -58,13 +57,23 @@ class EchoState(EchoInput, EchoOutput):
     question_start: int  # index in `conversation` of this question's first response message
 
 
+class EchoContext(BaseModel):
+    """Run-time settings of one graph run, passed at invocation (`graph.ainvoke(inputs, context=EchoContext(...))`),
+    so one compiled graph serves GRPO, collect, eval and the server. Not checkpointed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # None: the agent config's. Model call i of a question samples with `sampling.seed + i`, so a run seeded per
+    # (item, sample) samples the same trajectory on every rerun.
+    sampling: SamplingParams | None = None
+
+
 def new_question(
     question: str,
     clips: dict[str, dict[str, Any]] | None = None,
     choices: list[str] | None = None,
     gold: str | None = None,
     active_clip: str | None = None,
-    seed: int | None = None,
 ) -> EchoInput:
     """Build a graph input. `clips` may be omitted in a chat thread that already has them."""
     # Every per-question key is always set: in a chat thread, absent keys would keep the last question's values.
@@ -74,5 +83,4 @@ def new_question(
         "choices": list(choices or []),
         "gold": gold,
         "active_clip": active_clip,
-        "seed": seed,
     }

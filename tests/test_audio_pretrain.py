@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from echo_agent.backends.transformers import TransformersBackend
+from echo_agent.benchmarks import BenchItem
 from echo_agent.training.audio_pretrain import (
     IGNORE,
     PAIRS,
@@ -18,7 +19,6 @@ from echo_agent.training.audio_pretrain import (
     EventHeads,
     encode,
     head_losses,
-    load_clips,
     pretrain,
     random_span,
     read_slice,
@@ -27,6 +27,7 @@ from echo_agent.training.audio_pretrain import (
     slice_labels,
     trace_spans,
 )
+from echo_agent.training.common import load_items
 from echo_agent.training.synth import DURATION_CHOICES, KINDS, PITCH_WORDS, write_suite
 
 TINY = {"vocab_size": 400, "hidden_size": 64, "layers": 1, "intermediate_size": 128, "audio_hidden_size": 64}
@@ -38,30 +39,30 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_suite(tmp_path_factory.mktemp("suite"), 24, 5, "train", progress=False, durations=(10.0, 20.0))
 
 
-def _items(suite: Path, category: str) -> list[dict[str, object]]:
-    return [it for it in load_clips(suite) if it["category"] == category]
+def _items(suite: Path, category: str) -> list[BenchItem]:
+    return [it for it in load_items(suite) if it.group == category]
 
 
 def test_labels_of_the_gold_listens_match_the_answers(suite: Path) -> None:
     """The label of the span each trace listens to is exactly what the trace says after it."""
     for it in _items(suite, "count"):
-        (span,) = trace_spans(str(it["trace"]))
-        assert slice_labels(it["events"], *span)["count"] == int(str(it["answer"]))  # type: ignore[arg-type]
+        (span,) = trace_spans(it.record["trace"])
+        assert slice_labels(it.record["events"], *span)["count"] == int(it.answer)
     for it in _items(suite, "identify"):
-        (span,) = trace_spans(str(it["trace"]))
-        assert KINDS[slice_labels(it["events"], *span)["center"]] == it["answer"]  # type: ignore[arg-type]
+        (span,) = trace_spans(it.record["trace"])
+        assert KINDS[slice_labels(it.record["events"], *span)["center"]] == it.answer
     for it in _items(suite, "pitch"):
-        spans = trace_spans(str(it["trace"]))
-        words = [PITCH_WORDS[slice_labels(it["events"], *s)["pitch"]] for s in spans]  # type: ignore[arg-type]
-        assert [f"this beep is {w}." in str(it["trace"]) for w in words] == [True, True]
+        spans = trace_spans(it.record["trace"])
+        words = [PITCH_WORDS[slice_labels(it.record["events"], *s)["pitch"]] for s in spans]
+        assert [f"this beep is {w}." in it.record["trace"] for w in words] == [True, True]
     for it in _items(suite, "duration"):
-        last = trace_spans(str(it["trace"]))[-1]
-        value = DURATION_CHOICES[slice_labels(it["events"], *last)["chord"]]  # type: ignore[arg-type]
-        assert f"{value:.1f} s" == it["answer"]
+        last = trace_spans(it.record["trace"])[-1]
+        value = DURATION_CHOICES[slice_labels(it.record["events"], *last)["chord"]]
+        assert f"{value:.1f} s" == it.answer
     for it in _items(suite, "locate"):
-        kind = KINDS.index(str(it["question"]).split("the ")[1].split(" heard")[0])
-        spans = trace_spans(str(it["trace"]))
-        present = [slice_labels(it["events"], *s)["present"][kind] for s in spans]  # type: ignore[arg-type]
+        kind = KINDS.index(it.question.split("the ")[1].split(" heard")[0])
+        spans = trace_spans(it.record["trace"])
+        present = [slice_labels(it.record["events"], *s)["present"][kind] for s in spans]
         assert present == [0] * (len(spans) - 1) + [1]
 
 
@@ -82,12 +83,12 @@ def test_order_labels_compare_first_onsets() -> None:
 
 def test_random_spans_stay_inside_the_clip(suite: Path) -> None:
     rng = random.Random(0)
-    for it in load_clips(suite):
+    for it in load_items(suite):
         for _ in range(50):
             a, b = random_span(rng, it)
-            assert 0.0 <= a < b <= float(it["duration"]) + 1e-9  # type: ignore[arg-type]
-    it = load_clips(suite)[0]
-    assert len(read_slice(str(it["_audio"]), 1.0, 2.5)) == 24000
+            assert 0.0 <= a < b <= float(it.record["duration"]) + 1e-9
+    it = load_items(suite)[0]
+    assert len(read_slice(str(it.audio), 1.0, 2.5)) == 24000
 
 
 def test_pretraining_steps_lower_the_losses_and_save_a_model(suite: Path, tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ def test_pretraining_steps_lower_the_losses_and_save_a_model(suite: Path, tmp_pa
     backend = TransformersBackend.from_pretrained(model_dir)
     heads = EventHeads(16, backend.model.config.text_config.hidden_size)
     heads.load_state_dict(torch.load(cfg.out / "heads.pt"))
-    audios, y = sample_batch(random.Random(1), load_clips(suite), 48, 0.5)
+    audios, y = sample_batch(random.Random(1), load_items(suite), 48, 0.5)
     with torch.no_grad():
         trained = sum(head_losses(heads(encode(backend.model, backend.processor, audios)), y).values())
         fresh = type(backend.model)(backend.model.config).eval()
@@ -112,11 +113,13 @@ def test_pretraining_steps_lower_the_losses_and_save_a_model(suite: Path, tmp_pa
 
 def test_chunked_encoding_matches_one_batch(suite: Path, tmp_path: Path) -> None:
     """Sorting slices into length chunks is a speed-up only: same tokens, same order."""
-    from echo_agent.training.sft import SFTConfig, load_items, load_model
+    from echo_agent.training.common import load_model
+    from echo_agent.training.sft import SFTConfig
 
-    model, processor = load_model(SFTConfig(train=suite, out=tmp_path, **TINY), load_items(suite))
+    cfg = SFTConfig(train=suite, out=tmp_path, **TINY)
+    model, processor = load_model(cfg.init, cfg, load_items(suite), cfg.seed)
     model.eval()
-    audios, _ = sample_batch(random.Random(2), load_clips(suite), 10, 0.5)
+    audios, _ = sample_batch(random.Random(2), load_items(suite), 10, 0.5)
     with torch.no_grad():
         chunked = encode(model, processor, audios, chunk=3)
         singles = torch.cat([encode(model, processor, [a]) for a in audios])
@@ -126,10 +129,10 @@ def test_chunked_encoding_matches_one_batch(suite: Path, tmp_path: Path) -> None
 def test_category_weights_steer_which_clips_are_sliced(suite: Path) -> None:
     """A zero weight removes a category from the batches: with only `count` weighted and every slice
     taken from the gold listens, each slice's labels are a count window's labels."""
-    items = load_clips(suite)
-    weights = [1.0 if it["category"] == "count" else 0.0 for it in items]
-    counts = [it for it in items if it["category"] == "count"]
-    windows = [slice_labels(it["events"], *trace_spans(str(it["trace"]))[0]) for it in counts]
+    items = load_items(suite)
+    weights = [1.0 if it.group == "count" else 0.0 for it in items]
+    counts = [it for it in items if it.group == "count"]
+    windows = [slice_labels(it.record["events"], *trace_spans(it.record["trace"])[0]) for it in counts]
     _, y = sample_batch(random.Random(0), items, 30, 1.0, weights)
     assert all(c in {w["count"] for w in windows} for c in y["count"].tolist())
     assert min(y["count"].tolist()) >= 1  # a count window always holds a beep; other spans often hold none

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,17 +20,17 @@ from echo_agent.backends.base import AudioResolver, Generation, GenerationReques
 from echo_agent.backends.batching import BatchingBackend, generate_batch
 from echo_agent.backends.transformers import TransformersBackend
 from echo_agent.config import SamplingParams
+from echo_agent.echo_tiny import EchoTinySizes, new_echo_tiny
 from echo_agent.messages import Message, audio_part, text_part
 from echo_agent.tiny_models import build_tiny_qwen2_audio
-from echo_agent.training.sft import SFTConfig, new_echo_tiny
 
 Request = tuple[GenerationRequest, AudioResolver]
 
 
 def _echo_tiny() -> tuple[Any, Any]:
     corpus = ["How many beeps are there? <think> I hear a beep <seg>1.0, 2.0</seg> </think><answer>2</answer>"] * 4
-    cfg = SFTConfig(train=Path("x"), out=Path("y"), hidden_size=64, layers=2, intermediate_size=128, vocab_size=300)
-    model, processor = new_echo_tiny(cfg, corpus)
+    sizes = EchoTinySizes(hidden_size=64, layers=2, intermediate_size=128, vocab_size=300)
+    model, processor = new_echo_tiny(sizes, corpus)
     # At its 0.02 init a fresh echo-tiny repeats one token whatever the input; wider weights make its output
     # depend on the context (audio included), so equal outputs mean something.
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Trajectory collection (`echo_agent.training.collect`, `echo-agent collect`).
+"""Trajectory collection (`echo_agent.training.collect`, `echo-agent collect`) and the `Trajectory` record.
 
 The record's contents are checked on a real tiny Qwen2-Audio that memorised one Echo trace (memorize.py), so
 the graph really re-listens and the record really holds an inserted slice. Resume, crash-safety and export run
@@ -32,17 +32,10 @@ from echo_agent.graphs.echo import response_text
 from echo_agent.messages import audio_part, text_part
 from echo_agent.prompts import format_question
 from echo_agent.tiny_models import build_tiny_qwen2_audio
-from echo_agent.training.collect import (
-    Trajectory,
-    collect,
-    export_parquet,
-    model_inputs,
-    read_parquet,
-    read_trajectories,
-    sample_seed,
-    sequence_logprobs,
-)
-from echo_agent.training.eval import BenchItem, load_benchmark
+from echo_agent.graphs.runner import sample_seed
+from echo_agent.training.collect import collect, export_parquet, read_parquet, read_trajectories
+from echo_agent.training.trajectory import Trajectory, model_inputs, sequence_logprobs
+from echo_agent.benchmarks import BenchItem, load_benchmark
 from echo_agent.training.synth import write_suite
 from echo_agent.verifier import verify
 
@@ -136,7 +129,7 @@ def test_record_holds_exact_tokens_mask_logprobs_and_reward(
     assert traj.reward_terms == verdict.terms and traj.reward == verdict.reward == pytest.approx(1.5)
 
     # Rebuilt inputs are what the model saw on its last call, plus what it sampled then...
-    inputs = model_inputs(traj, backend.encoder)
+    inputs = model_inputs([traj], backend.encoder)
     last = backend.last_prompt
     assert last is not None
     ids = inputs["input_ids"][0].tolist()
@@ -146,9 +139,10 @@ def test_record_holds_exact_tokens_mask_logprobs_and_reward(
     assert torch.equal(inputs["feature_attention_mask"], want["feature_attention_mask"])
     # ...so the trainer's recomputed log-probs on the sampled ids are the sampling policy's.
     with torch.inference_mode():
-        recomputed = sequence_logprobs(backend.model, inputs, traj.temperature)[0]
+        recomputed, entropy = sequence_logprobs(backend.model, inputs, traj.temperature)
     positions = [len(traj.prompt_ids) + i for i, m in enumerate(mask) if m]
-    got = [float(recomputed[p - 1]) for p in positions]
+    got = [float(recomputed[0, p]) for p in positions]
+    assert bool((entropy[0, positions] >= 0).all())
     assert got == pytest.approx([traj.response_logprobs[p - len(traj.prompt_ids)] for p in positions], abs=1e-4)
     # Greedy: both samples are the same run.
     assert records["q1#1"].response_ids == resp
@@ -164,7 +158,7 @@ def test_model_inputs_refuse_a_record_whose_audio_changed(
     moved = traj.model_copy(update={"audio_spans": [traj.audio_spans[0], traj.audio_spans[1].model_copy(
         update={"start": 2.0, "end": 3.4})]})  # fmt: skip
     with pytest.raises(EchoError, match="encodes differently"):
-        model_inputs(moved, backend.encoder)
+        model_inputs([moved], backend.encoder)
 
 
 # ------------------------------------------------------------------------------- resume, determinism, export

@@ -1,4 +1,4 @@
-"""The evaluation harness (`echo_agent.training.eval`) and the `eval` / `data synth` commands.
+"""The evaluation harness (`echo_agent.evaluation`, `echo_agent.benchmarks`) and the `eval` / `data synth` commands.
 
 The built-in tiny random model answers nothing useful, so runs on it check behaviour only (schema, errors,
 resume, output formats). Exact accuracies come from a scripted test double whose answers are known, and are
@@ -28,16 +28,8 @@ from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.errors import ConfigError, EchoError
 from echo_agent.messages import message_text
 from echo_agent.training import synth as S
-from echo_agent.training.eval import (
-    BenchItem,
-    DataError,
-    EvalReport,
-    evaluate,
-    load_benchmark,
-    partial_path,
-    predictions_path,
-    read_partial,
-)
+from echo_agent.benchmarks import BenchItem, DataError, load_benchmark
+from echo_agent.evaluation import EvalReport, evaluate, partial_path, predictions_path, read_partial
 
 MMAU = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
 _SCRIPT = Path(sys.executable).with_name("echo-agent")
@@ -183,16 +175,17 @@ def copy_suite(suite: Path, dest: Path) -> Path:
 
 
 class CountingAsk:
-    """Wraps `agent.ask` and records which items (by audio file stem = item id) were asked."""
+    """Wraps `agent.load` (each run loads its clip first) and records which items (by audio file stem = item id)
+    were asked."""
 
     def __init__(self, agent: EchoAgent, monkeypatch: pytest.MonkeyPatch) -> None:
         self.ids: list[str] = []
-        self._ask = agent.ask
-        monkeypatch.setattr(agent, "ask", self)
+        self._load = agent.load
+        monkeypatch.setattr(agent, "load", self)
 
-    async def __call__(self, audio: Any, question: str, choices: Any = None, **kw: Any) -> Any:
-        self.ids.append(Path(audio.path).stem)
-        return await self._ask(audio, question, choices, **kw)
+    def __call__(self, audio: Any) -> Any:
+        self.ids.append(Path(audio).stem)
+        return self._load(audio)
 
 
 def partial_ids(out: Path) -> list[str]:

@@ -1,9 +1,11 @@
 """GRPO over full agent trajectories (training/grpo.py), on real tiny models.
 
 echo-tiny is first taught the suite's traces by a short real SFT run (so it writes `<seg>` tags and
-the graph really inserts audio), then sampled through the agent graph. The tests check the data
-contract between rollout and trainer: the loss mask, the recomputed log-probs, the reward terms,
-then run real GRPO steps (echo-tiny and a tiny random Qwen2-Audio) with resume.
+the graph really inserts audio), then sampled through the agent graph by the one runner. The tests check
+the one contract between rollout and trainer, the `Trajectory`: the loss mask, the recomputed log-probs,
+the reward computed once in the graph's verifier (under both weightings), a trajectory that `collect`
+wrote training a GRPO step as it is, then real GRPO runs (echo-tiny and a tiny random Qwen2-Audio) with
+resume.
 """
 
 from __future__ import annotations
@@ -15,28 +17,29 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate import Accelerator
+from pydantic import ValidationError
 
-from echo_agent.audio import AudioStore
+from echo_agent.agent import EchoAgent
 from echo_agent.backends.transformers import TransformersBackend
+from echo_agent.benchmarks import load_benchmark
 from echo_agent.graphs.echo import response_text
-from echo_agent.graphs.state import new_question
+from echo_agent.graphs.runner import batched, jobs, run_all
 from echo_agent.tiny_models import build_tiny_qwen2_audio
+from echo_agent.training.collect import collect, read_trajectories
 from echo_agent.training.grpo import (
     GRPOConfig,
-    Rollout,
-    collate_rollouts,
-    collect_groups,
     group_advantages,
     grpo_loss,
     low_var_kl,
-    rollout_graph,
-    to_rollout,
-    token_logprobs,
+    policy_update,
+    rollout_groups,
     train,
 )
-from echo_agent.training.sft import SFTConfig, load_items
+from echo_agent.training.sft import SFTConfig
 from echo_agent.training.sft import train as sft_train
 from echo_agent.training.synth import write_suite
+from echo_agent.training.trajectory import Trajectory, model_inputs, sequence_logprobs, to_trajectory
 from echo_agent.verifier import RewardTerms, RewardWeights, verify
 
 TINY: dict[str, Any] = {"vocab_size": 400, "hidden_size": 64, "layers": 2, "intermediate_size": 128,
@@ -65,78 +68,112 @@ def _cfg(suite: Path, init: Path, out: Path, **kw: Any) -> GRPOConfig:
     return GRPOConfig(train=suite, out=out, init=str(init), **{**base, **kw})
 
 
-async def _rollouts(backend: TransformersBackend, items: list[dict[str, Any]], cfg: GRPOConfig) -> list[Any]:
-    store = AudioStore()
-    out = []
-    for i, item in enumerate(items):
-        graph = rollout_graph(backend, store, cfg, seed=100 + i)
-        ref = store.load(item["_audio"])
-        state = await graph.ainvoke(
-            new_question(item["question"], {"main": ref.model_dump()}, item["choices"], item["answer"])
-        )
-        out.append((state, to_rollout(state, item, backend.encoder, store, cfg.weights())))
-    return out
+def _rollouts(backend: TransformersBackend, suite: Path, cfg: GRPOConfig, max_batch: int = 1) -> list[Trajectory]:
+    """One rollout of every item, as GRPO's rollout step makes them (the rollout agent of `cfg`)."""
+    agent = EchoAgent(batched(backend, max_batch), config=cfg.agent_config())
+    groups = asyncio.run(rollout_groups(agent, backend.encoder, load_benchmark(suite), 1, seed=100))
+    return [t for g in groups for t in g]
 
 
 def test_rollout_contract_on_echo_tiny(suite: Path, taught: Path, tmp_path: Path) -> None:
     backend = TransformersBackend.from_pretrained(taught)
     cfg = _cfg(suite, taught, tmp_path)
-    items = load_items(suite)
-    pairs = asyncio.run(_rollouts(backend, items, cfg))
-    audio_ids = {backend.model.config.audio_token_id, backend.model.config.audio_bos_token_id,
-                 backend.model.config.audio_eos_token_id}  # fmt: skip
+    trajs = _rollouts(backend, suite, cfg)
+    config = backend.model.config
+    audio_ids = {config.audio_token_id, config.audio_bos_token_id, config.audio_eos_token_id}
     listened = 0
-    for state, r in pairs:
+    for t in trajs:
+        assert t.status != "error"
+        ids = t.prompt_ids + t.response_ids
+        mask = [0] * len(t.prompt_ids) + t.response_mask
         # The loss mask excludes every inserted-audio token; the audio count is the clip plus each listen.
-        audio_positions = [i for i, t in enumerate(r.input_ids) if t in audio_ids]
-        assert audio_positions and all(r.loss_mask[i] == 0 for i in audio_positions)
-        assert len(r.audios) == 1 + r.listens
-        assert sum(t == backend.model.config.audio_token_id for t in r.input_ids) == 16 * len(r.audios)
-        listened += r.listens
-        # Exactly the sampled ids sit under the mask, and their log-probs came from the rollout.
-        assert sum(r.loss_mask) == len(r.old_logprobs) == state["generated_tokens"]
-        # The reward terms are the graph's own verifier's (paper weights in both).
-        assert r.terms == RewardTerms.model_validate(state["verdict"]["terms"])
-        assert r.reward == pytest.approx(state["verdict"]["reward"])
+        audio_positions = [i for i, tok in enumerate(ids) if tok in audio_ids]
+        assert audio_positions and all(mask[i] == 0 for i in audio_positions)
+        assert len(t.audio_spans) == 1 + t.valid_listens
+        assert sum(tok == config.audio_token_id for tok in ids) == 16 * len(t.audio_spans)
+        listened += t.valid_listens
+        # Exactly the sampled ids sit under the mask (no retries in GRPO), each with its rollout log-prob.
+        assert sum(t.response_mask) == t.generated_tokens and t.retries == 0
+        assert all(lp < 0 or m == 0 for lp, m in zip(t.response_logprobs, t.response_mask, strict=True))
     assert listened >= 2, "the taught model re-listens, so audio is really inserted"
     # Recomputed log-probs of the sampled tokens match the rollout's (same weights), in one padded batch.
-    rollouts = [r for _, r in pairs]
-    batch = collate_rollouts(rollouts, backend.encoder, backend.tokenizer.pad_token_id)
+    batch = model_inputs(trajs, backend.encoder)
     with torch.no_grad():
-        logp, entropy = token_logprobs(backend.model, batch, cfg.temperature)
-    mask = batch["loss_mask"].bool()
-    torch.testing.assert_close(logp[mask], batch["old_logprobs"][mask], atol=2e-3, rtol=0)
-    assert bool((entropy[mask] >= 0).all())
+        logp, entropy = sequence_logprobs(backend.model, batch, cfg.temperature)
+    m = batch["loss_mask"].bool()
+    torch.testing.assert_close(logp[m], batch["old_logprobs"][m], atol=2e-3, rtol=0)
+    assert bool((entropy[m] >= 0).all())
 
 
-def test_deepeyes_reward_is_a_config(suite: Path, taught: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reward", ["paper", "deepeyes"])
+def test_the_reward_is_the_graph_verdict_under_both_weightings(
+    suite: Path, taught: Path, tmp_path: Path, reward: str
+) -> None:
+    """The verifier node computes the reward once: the verdict in the final state, in the `Trajectory` and in
+    what GRPO trains on (the trajectory's `reward`) are one number, with the configured weights."""
     backend = TransformersBackend.from_pretrained(taught)
-    cfg = _cfg(suite, taught, tmp_path, reward="deepeyes")
-    item = load_items(suite)[0]
-    (state, r), *_ = asyncio.run(_rollouts(backend, [item], cfg))
-    text = response_text(state["conversation"], state["question_start"])
-    w = RewardWeights.deepeyes()
-    assert r.terms == verify(text, item["choices"], item["answer"], r.listens, w).terms
-    # 0.8 accuracy + 0.2 format + 1.2 [listened and correct], as configured, not the paper's 0.5s.
-    assert r.terms.format in (0.0, 0.2) and r.terms.accuracy in (0.0, 0.8) and r.terms.segment in (0.0, 1.2)
-    assert r.terms.format == 0.2, "the taught model answers in format"
+    cfg = _cfg(suite, taught, tmp_path, reward=reward)
+    agent = EchoAgent(backend, config=cfg.agent_config())
+    items = load_benchmark(suite)
+    outcomes = asyncio.run(run_all(agent, jobs(items, 1, seed=3)))
+    w = RewardWeights.deepeyes() if reward == "deepeyes" else RewardWeights.paper()
+    head = {"model": "m", "backend": "b", "mode": "interleaved", "temperature": 1.0, "config_hash": "", "data": ""}
+    for outcome in outcomes:
+        assert outcome.state is not None
+        traj = to_trajectory(outcome, backend.encoder, agent.store, head)
+        verdict = outcome.state["verdict"]
+        assert traj.reward == verdict["reward"] and traj.reward_terms == RewardTerms.model_validate(verdict["terms"])
+        # ...and it is the verifier's with these weights (recomputed here from the record's own text).
+        text = response_text(traj.messages, outcome.state["question_start"])
+        assert traj.reward_terms == verify(text, traj.choices, traj.gold, traj.valid_listens, w).terms
+    terms = [to_trajectory(o, backend.encoder, agent.store, head).reward_terms for o in outcomes]
+    assert any(t is not None and t.format == w.format for t in terms), "the taught model answers in format"
+    if reward == "deepeyes":  # 0.8 accuracy + 0.2 format + 1.2 [listened and correct], not the paper's 0.5s
+        assert all(t is not None and t.format in (0.0, 0.2) and t.segment in (0.0, 1.2) for t in terms)
 
 
-def _rollout(reward: float) -> Rollout:
-    terms = RewardTerms(format=0, accuracy=0, segment=0, consistency=0)
-    return Rollout(item_id="x", input_ids=[1], loss_mask=[1], old_logprobs=[0.0], audios=[], reward=reward,
-                   terms=terms, correct=False, listens=0)  # fmt: skip
+def test_a_collected_trajectory_trains_a_grpo_step_as_it_is(suite: Path, taught: Path, tmp_path: Path) -> None:
+    """`collect` writes the same record GRPO trains on: read back from the file, it makes a policy update."""
+    backend = TransformersBackend.from_pretrained(taught)
+    cfg = _cfg(suite, taught, tmp_path, kl_coef=0.04)
+    agent = EchoAgent(batched(backend), config=cfg.agent_config())
+    out = tmp_path / "traj.jsonl"
+    asyncio.run(collect(agent, load_benchmark(suite), samples=3, out=out, progress=False, limit=2))
+    records, _ = read_trajectories(out)
+    by_item: dict[str, list[Trajectory]] = {}
+    for t in records.values():
+        by_item.setdefault(t.item_id, []).append(t)
+    groups = list(by_item.values())
+    learn = [(t, a) for g, adv in zip(groups, group_advantages(groups), strict=True)
+             for t, a in zip(g, adv, strict=True)]  # fmt: skip
+    batch = model_inputs([t for t, _ in learn], backend.encoder)
+    batch["advantages"] = torch.tensor([a if a else 1.0 for _, a in learn])  # some signal even for a tied group
+    model = backend.model.train()
+    reference = TransformersBackend.from_pretrained(taught).model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    stats = policy_update(model, reference, optimizer, Accelerator(cpu=True), params, batch, cfg)
+    assert {"loss", "kl", "clipped", "entropy"} <= set(stats)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-4), "the policy starts equal to its reference"
+    assert stats["clipped"] == 0.0, "the first update's ratio is 1: the rollout log-probs are the policy's"
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "language_model" in k)
+
+
+def _traj(reward: float) -> Trajectory:
+    return Trajectory(id="x#0", item_id="x", sample=0, seed=0, model="m", backend="b", mode="interleaved",
+                      temperature=1.0, config_hash="", data="", question="q", choices=[], gold=None,
+                      status="answered", reward=reward)  # fmt: skip
 
 
 def test_group_advantages_and_loss_pieces() -> None:
-    groups = [[_rollout(1.5), _rollout(0.5)], [_rollout(1.0), _rollout(1.0)]]
-    group_advantages(groups)
-    assert [r.advantage for r in groups[0]] == pytest.approx([1.0, -1.0], abs=1e-4)
-    assert [r.advantage for r in groups[1]] == [0.0, 0.0]  # a tied group teaches nothing
+    adv = group_advantages([[_traj(1.5), _traj(0.5)], [_traj(1.0), _traj(1.0)], []])
+    assert adv[0] == pytest.approx([1.0, -1.0], abs=1e-4)
+    assert adv[1] == [0.0, 0.0] and adv[2] == []  # a tied group teaches nothing; an empty one is skipped
     logp = torch.tensor([[0.0, -1.0, -2.0]])
     assert float(low_var_kl(logp, logp).abs().max()) == 0.0
     assert float(low_var_kl(logp, logp - 0.5).min()) > 0.0
-    batch = {"loss_mask": torch.tensor([[0.0, 1.0, 1.0]]), "old_logprobs": torch.tensor([[0.0, -1.0, -2.0]]),
+    batch = {"loss_mask": torch.tensor([[0, 1, 1]]), "old_logprobs": torch.tensor([[0.0, -1.0, -2.0]]),
              "advantages": torch.tensor([1.0])}  # fmt: skip
     loss, stats = grpo_loss(logp, batch, 0.2, 0.0, None)
     assert float(loss) == pytest.approx(-1.0) and stats["clipped"] == 0.0  # ratio 1, advantage 1
@@ -146,13 +183,15 @@ def test_group_advantages_and_loss_pieces() -> None:
 
 
 def test_grpo_steps_on_echo_tiny_log_and_resume(suite: Path, taught: Path, tmp_path: Path) -> None:
-    cfg = _cfg(suite, taught, tmp_path / "run", val=suite, eval_every=2, eval_items=2)
+    # Hot sampling, so some group mixes right and wrong answers (the taught model is nearly always right).
+    cfg = _cfg(suite, taught, tmp_path / "run", val=suite, eval_every=2, eval_items=2, temperature=2.0)
     final = train(cfg)
     assert (final / "config.json").is_file()
     rows = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "accuracy", "listens_per_answer", "reward_format", "reward_segment", "step_s"):
         assert key in rows[0]
+    assert rows[0]["rollout_errors"] == 0
     assert 0.0 <= rows[-1]["val_accuracy"] <= 1.0
     assert any("kl" in r and "entropy" in r for r in rows), "some group had distinct rewards and trained"
     # The weights moved where there was something to learn.
@@ -184,15 +223,17 @@ def test_batched_rollouts_keep_the_contract(suite: Path, taught: Path, tmp_path:
     match a recomputation on the sampled ids, and every group has its own samples."""
     backend = TransformersBackend.from_pretrained(taught)
     cfg = _cfg(suite, taught, tmp_path, group_size=4, max_batch=8)
-    groups = asyncio.run(collect_groups(backend, load_items(suite)[:2], cfg, seed=7))
+    agent = EchoAgent(batched(backend, cfg.max_batch), config=cfg.agent_config())
+    groups = asyncio.run(rollout_groups(agent, backend.encoder, load_benchmark(suite)[:2], 4, seed=7))
     assert [len(g) for g in groups] == [4, 4]
-    assert all(r.item_id == g[0].item_id for g in groups for r in g) and groups[0][0].item_id != groups[1][0].item_id
-    rollouts = [r for g in groups for r in g]
-    batch = collate_rollouts(rollouts, backend.encoder, backend.tokenizer.pad_token_id)
+    assert all(t.item_id == g[0].item_id for g in groups for t in g) and groups[0][0].item_id != groups[1][0].item_id
+    assert len({t.seed for g in groups for t in g}) == 8, "every rollout samples with its own seed"
+    trajs = [t for g in groups for t in g]
+    batch = model_inputs(trajs, backend.encoder)
     with torch.no_grad():
-        logp, _ = token_logprobs(backend.model, batch, cfg.temperature)
-    mask = batch["loss_mask"].bool()
-    torch.testing.assert_close(logp[mask], batch["old_logprobs"][mask], atol=2e-3, rtol=0)
+        logp, _ = sequence_logprobs(backend.model, batch, cfg.temperature)
+    m = batch["loss_mask"].bool()
+    torch.testing.assert_close(logp[m], batch["old_logprobs"][m], atol=2e-3, rtol=0)
 
 
 def test_too_few_items_or_a_group_of_one_is_a_clear_error(suite: Path, taught: Path, tmp_path: Path) -> None:
@@ -200,8 +241,8 @@ def test_too_few_items_or_a_group_of_one_is_a_clear_error(suite: Path, taught: P
 
     with pytest.raises(ConfigError, match="items_per_step"):
         train(_cfg(suite, taught, tmp_path / "a", items_per_step=99))
-    with pytest.raises(ConfigError, match="group_size"):
-        train(_cfg(suite, taught, tmp_path / "b", group_size=1))
+    with pytest.raises(ValidationError, match="group_size"):  # refused before any work starts
+        _cfg(suite, taught, tmp_path / "b", group_size=1)
     # `categories` filters the training items first: 2 of the 4 are count items, none is a pitch item.
     with pytest.raises(ConfigError, match=r"1\.\.2 \(the training items\)"):
         train(_cfg(suite, taught, tmp_path / "c", items_per_step=3, categories=["count"]))

@@ -20,17 +20,18 @@ from echo_agent.agent import EchoAgent
 from echo_agent.audio import AudioStore
 from echo_agent.backends.base import AudioResolver, Generation, GenerationRequest
 from echo_agent.backends.transformers import PromptEncoder, TransformersBackend, encode_audio_placeholder
+from echo_agent.benchmarks import BenchItem
 from echo_agent.config import AgentConfig, SamplingParams
+from echo_agent.echo_tiny import new_echo_tiny
 from echo_agent.messages import Message, audio_part
 from echo_agent.protocols import SEG_CLOSE, parse_closing_seg
 from echo_agent.tiny_models import build_qwen2_audio_processor, build_tiny_qwen2_audio
 from echo_agent.tools.listen import ListenTool
+from echo_agent.training.common import load_items
 from echo_agent.training.sft import (
     SFTConfig,
     batches,
     encode_example,
-    load_items,
-    new_echo_tiny,
     text_only_trace,
     trace_messages,
     train,
@@ -59,8 +60,8 @@ def small_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_suite(out, 4, 1, "train", categories=("count", "identify"), progress=False, durations=(10.0, 14.0))
 
 
-def with_trace(item: dict[str, Any], trace: str) -> dict[str, Any]:
-    return {**item, "trace": trace}
+def with_trace(item: BenchItem, trace: str) -> BenchItem:
+    return item.model_copy(update={"record": {**item.record, "trace": trace}})
 
 
 # A span past the clip's end (clamped), one starting past it (invalid: a note, no audio), one normal.
@@ -70,16 +71,16 @@ ODD_TRACE = (
 )
 
 
-def tiny_echo_processor(items: list[dict[str, Any]]) -> Any:
-    corpus = [it["question"] + " " + " ".join(it["choices"]) + " " + it["trace"] for it in items]
+def tiny_echo_processor(items: list[BenchItem]) -> Any:
+    corpus = [it.question + " " + " ".join(it.choices) + " " + it.record["trace"] for it in items]
     return new_echo_tiny(SFTConfig(train=Path("x"), out=Path("y"), **TINY), corpus)[1]
 
 
-def processors(items: list[dict[str, Any]]) -> dict[str, Any]:
+def processors(items: list[BenchItem]) -> dict[str, Any]:
     return {"qwen2-audio": build_qwen2_audio_processor(), "echo-tiny": tiny_echo_processor(items)}
 
 
-def prompt_ids(item: dict[str, Any], encoder: PromptEncoder, store: AudioStore) -> list[int]:
+def prompt_ids(item: BenchItem, encoder: PromptEncoder, store: AudioStore) -> list[int]:
     """The ids of the prompt alone (user turn + assistant header), as the runtime encodes it."""
     messages, resolver = trace_messages(item, store, "interleaved")
     return encoder.encode(GenerationRequest(messages=messages[:1]), resolver).input_ids
@@ -115,9 +116,9 @@ def test_loss_mask_covers_only_the_trace(suite: Path, family: str) -> None:
         assert all(lab == -100 for lab in labels[: len(prompt)])
         assert labels[len(prompt)] != -100
         # The labelled tokens are exactly the gold trace (nothing inserted) plus the eos.
-        assert tok.decode(labelled(labels)) == item["trace"] + "<|im_end|>"
+        assert tok.decode(labelled(labels)) == item.record["trace"] + "<|im_end|>"
         # One audio input for the clip and one per valid seg tag, each with its placeholder block.
-        n_valid = item["trace"].count(SEG_CLOSE) - (1 if item is odd else 0)
+        n_valid = item.record["trace"].count(SEG_CLOSE) - (1 if item is odd else 0)
         assert len(ex.audios) == 1 + n_valid
         assert ids.count(tok.convert_tokens_to_ids("<|audio_bos|>")) == len(ex.audios)
         audio_tok = tok.convert_tokens_to_ids("<|AUDIO|>")
@@ -125,11 +126,11 @@ def test_loss_mask_covers_only_the_trace(suite: Path, family: str) -> None:
         if family == "echo-tiny":
             assert all(a.num_audio_tokens == 16 for a in ex.audios)
 
-        cold = encode_example(item, encoder, store, "cold_start")
-        assert len(cold.audios) == 1  # the clip only
-        assert tok.decode(labelled(cold.labels)) == item["trace"] + "<|im_end|>"
+        grounded = encode_example(item, encoder, store, "grounded")
+        assert len(grounded.audios) == 1  # the clip only
+        assert tok.decode(labelled(grounded.labels)) == item.record["trace"] + "<|im_end|>"
         # Nothing but the prompt and the trace: no audio, no notes.
-        assert cold.input_ids == [*prompt, *labelled(cold.labels)]
+        assert grounded.input_ids == [*prompt, *labelled(grounded.labels)]
     # The invalid span became a masked note, not audio.
     note = encode_example(odd, encoder, store, "interleaved")
     unlabelled = tok.decode([t for t, lab in zip(note.input_ids, note.labels, strict=True) if lab == -100])
@@ -184,7 +185,7 @@ async def test_inserted_audio_is_the_runtime_listen_slice(suite: Path) -> None:
         expected = []
         used = 1
         text = ""
-        for piece in item["trace"].split(SEG_CLOSE)[:-1]:
+        for piece in item.record["trace"].split(SEG_CLOSE)[:-1]:
             text += piece + SEG_CLOSE
             outcome = tool(parse_closing_seg(text), {"main": ref}, used)
             used += int(outcome.valid)
@@ -193,12 +194,12 @@ async def test_inserted_audio_is_the_runtime_listen_slice(suite: Path) -> None:
         assert spans(assistant) == expected
 
         # The same slices reach a model through the real graph replaying the trace.
-        backend = TraceReplay(item["trace"])
+        backend = TraceReplay(item.record["trace"])
         agent = EchoAgent(backend, store, AgentConfig())
-        await agent.ask(item["_audio"], item["question"], item["choices"])
+        await agent.ask(item.audio, item.question, item.choices)
         runtime = backend.requests[-1].messages
         assert shape(runtime[0]) == shape(messages[0])  # the same user turn
-        last_text = item["trace"].split(SEG_CLOSE)[-1]
+        last_text = item.record["trace"].split(SEG_CLOSE)[-1]
         assert [*shape(runtime[-1]), ("text", last_text)] == shape(assistant)
 
         # ... and the features the trainer feeds are the processor's features of exactly that slice.
@@ -226,7 +227,7 @@ def log_records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def user_message(item: dict[str, Any], store: AudioStore) -> tuple[Message, AudioResolver]:
+def user_message(item: BenchItem, store: AudioStore) -> tuple[Message, AudioResolver]:
     messages, resolver = trace_messages(item, store, "interleaved")
     return messages[0], resolver
 
@@ -282,7 +283,7 @@ async def test_echo_tiny_from_scratch_loads_and_answers(suite: Path, tmp_path: P
         config=AgentConfig(sampling=SamplingParams(max_new_tokens=24), max_model_calls=4),
     )
     item = load_items(suite)[0]
-    result = await agent.ask(item["_audio"], item["question"], item["choices"], gold=item["answer"])
+    result = await agent.ask(item.audio, item.question, item.choices, gold=item.answer)
     assert result.status in ("answered", "no_answer")
     assert result.generated_tokens > 0
 
@@ -376,14 +377,14 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(small_suite: Path, t
     assert not any("lora" in n for n, _ in TransformersBackend.from_pretrained(final).model.named_modules())
 
 
-# ---- 7. cold start -------------------------------------------------------------------------------------
+# ---- 7. grounded (the paper's stage-1 cold start) -------------------------------------------------------
 
 
-def test_cold_start_trains_without_inserted_audio(suite: Path, tmp_path: Path) -> None:
+def test_grounded_trains_without_inserted_audio(suite: Path, tmp_path: Path) -> None:
     items = load_items(suite)
-    corpus = [it["question"] + " " + " ".join(it["choices"]) + " " + it["trace"] for it in items]
-    cfg = echo_tiny_cfg(suite, tmp_path / "run", steps=3, audio_mode="cold_start")
-    model, processor = new_echo_tiny(cfg, corpus)
+    corpus = [it.question + " " + " ".join(it.choices) + " " + it.record["trace"] for it in items]
+    cfg = echo_tiny_cfg(suite, tmp_path / "run", steps=3, audio_mode="grounded")
+    model, processor = new_echo_tiny(cfg, corpus, cfg.seed)
     bos = processor.tokenizer.convert_tokens_to_ids("<|audio_bos|>")
     seen: list[tuple[int, list[int]]] = []
 
@@ -423,7 +424,7 @@ def test_text_variant_drops_every_listen(suite: Path) -> None:
         assert all(p["type"] == "text" for p in parts)
         text = "".join(p["text"] for p in parts if p["type"] == "text")
         assert "<seg>" not in text and "I listen to" not in text
-        assert text.endswith(f"<answer>{item['answer']}</answer>") and text.startswith("<think>")
+        assert text.endswith(f"<answer>{item.answer}</answer>") and text.startswith("<think>")
         # Every observation of the gold trace survives, only the listening is gone.
-        assert text_only_trace(item["trace"]) == text
-        assert len(text) < len(item["trace"])
+        assert text_only_trace(item.record["trace"]) == text
+        assert len(text) < len(item.record["trace"])

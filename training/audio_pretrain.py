@@ -28,29 +28,36 @@ import itertools
 import json
 import math
 import random
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import nn
 
+from ..audio import AudioRef, AudioStore
+from ..benchmarks import BenchItem
+from ..echo_tiny import EchoTinySizes
+from ..protocols import SEG_RE
+from .common import RunFolder, load_items, load_model, lr_at, save_model
 from .synth import DURATION_CHOICES, KINDS, PITCH_WORDS, kinds_heard
 
 PAIRS: list[tuple[int, int]] = list(itertools.combinations(range(len(KINDS)), 2))
 COUNT_CLASSES = 8
 IGNORE = -100
-_SEG = re.compile(r"<seg>\s*([\d.]+)\s*,\s*([\d.]+)\s*</seg>")
+# Stage 0 reads slices through the runtime's own store and cutter, so training sees the samples a listen delivers.
+_STORE = AudioStore(max_cached=64)
+_REFS: dict[str, AudioRef] = {}
+SAMPLE_RATE = 16000
 
 
-class AudioPretrainConfig(BaseModel):
-    """Everything a stage-0 run depends on. Saved next to the model."""
+class AudioPretrainConfig(EchoTinySizes):
+    """Everything a stage-0 run depends on. Saved next to the model. The decoder is created here, untrained, at
+    these sizes (smaller than SFT's defaults), so stage 1 can load one directory."""
 
     train: Path
     val: Path | None = None
@@ -58,30 +65,23 @@ class AudioPretrainConfig(BaseModel):
     init: Path | None = Field(
         None, description="a previous stage-0 run's folder to continue (model/, heads.pt); its sizes win over these"
     )
-    steps: int = 3000
-    batch_size: int = 48
-    lr: float = 2e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    trace_span_share: float = Field(0.5, description="share of slices taken from the gold traces' listens")
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(48, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(100, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    trace_span_share: float = Field(0.5, ge=0, le=1, description="share of slices taken from the gold traces' listens")
     category_weights: dict[str, float] = Field(
         default_factory=dict, description="relative sampling weight of each category's clips (unlisted: 1.0)"
     )
-    log_every: int = 50
-    eval_every: int = 500
-    eval_slices: int = 600
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    eval_slices: int = Field(600, ge=50)
     seed: int = 0
-    # echo-tiny's size (the decoder is created here, untrained, so stage 1 can load one directory).
-    vocab_size: int = 512
-    hidden_size: int = 128
-    layers: int = 3
-    heads: int = 4
-    intermediate_size: int = 384
-    audio_hidden_size: int = 128
-    audio_layers: int = 2
-    audio_tokens: int = 16
-    audio_time_tokens: int = 0
+    hidden_size: int = Field(128, ge=2)
+    layers: int = Field(3, ge=1)
+    intermediate_size: int = Field(384, ge=1)
 
 
 # ---- labels of a slice --------------------------------------------------------------------------
@@ -119,15 +119,15 @@ def slice_labels(events: Sequence[dict[str, Any]], start: float, end: float) -> 
 
 
 def trace_spans(trace: str) -> list[tuple[float, float]]:
-    return [(float(a), float(b)) for a, b in _SEG.findall(trace)]
+    return [(float(m.group(2)), float(m.group(3))) for m in SEG_RE.finditer(trace)]
 
 
-def random_span(rng: random.Random, item: dict[str, Any]) -> tuple[float, float]:
+def random_span(rng: random.Random, item: BenchItem) -> tuple[float, float]:
     """A span of one of the shapes the traces listen to, anywhere in the clip."""
-    dur = float(item["duration"])
+    dur = float(item.record["duration"])
     shape = rng.random()
     if shape < 0.35:  # ~1 s around an event or a random time (identify, pitch)
-        events = item["events"]
+        events = item.record["events"]
         if events and rng.random() < 0.8:
             ev = rng.choice(events)
             t = rng.uniform(ev["onset"], ev["offset"])
@@ -147,13 +147,11 @@ def random_span(rng: random.Random, item: dict[str, Any]) -> tuple[float, float]
 
 
 def read_slice(path: str, start: float, end: float) -> np.ndarray:
-    """The slice as the runtime's `AudioStore.slice` gives it (float32, sample-rounded bounds)."""
-    info = sf.info(path)
-    sr = int(info.samplerate)
-    lo = min(max(round(start * sr), 0), info.frames)
-    hi = min(max(round(end * sr), lo + 1), info.frames)
-    data, _ = sf.read(path, start=lo, stop=hi, dtype="float32", always_2d=True)
-    out: np.ndarray = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    """The slice exactly as a listen gets it: `AudioStore.slice` (mono float32 at 16 kHz, sample-rounded bounds)."""
+    ref = _REFS.get(path)
+    if ref is None:
+        ref = _REFS[path] = _STORE.load(path)
+    out: np.ndarray = _STORE.slice(ref, start, end, SAMPLE_RATE)
     return out
 
 
@@ -210,16 +208,9 @@ def head_hits(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[
 # ---- data ----------------------------------------------------------------------------------------
 
 
-def load_clips(path: Path) -> list[dict[str, Any]]:
-    """The suite's items with absolute audio paths (`_audio`), as the SFT trainer loads them."""
-    from .sft import load_items
-
-    return load_items(path)
-
-
 def sample_batch(
     rng: random.Random,
-    items: Sequence[dict[str, Any]],
+    items: Sequence[BenchItem],
     n: int,
     trace_share: float,
     weights: Sequence[float] | None = None,
@@ -228,14 +219,14 @@ def sample_batch(
     labels: list[dict[str, Any]] = []
     picked = rng.choices(items, weights=weights, k=n) if weights else [rng.choice(items) for _ in range(n)]
     for item in picked:
-        spans = trace_spans(item.get("trace", ""))
+        spans = trace_spans(item.record.get("trace", ""))
         if spans and rng.random() < trace_share:
             a, b = rng.choice(spans)
-            b = min(b, float(item["duration"]))
+            b = min(b, float(item.record["duration"]))
         else:
             a, b = random_span(rng, item)
-        audios.append(read_slice(item["_audio"], a, b))
-        labels.append(slice_labels(item["events"], a, b))
+        audios.append(read_slice(str(item.audio), a, b))
+        labels.append(slice_labels(item.record["events"], a, b))
     y = {name: torch.tensor([lab[name] for lab in labels]) for name in labels[0]}
     return audios, y
 
@@ -257,17 +248,17 @@ def encode(model: Any, processor: Any, audios: list[np.ndarray], chunk: int = 16
 Batch = tuple[list[np.ndarray], dict[str, torch.Tensor]]
 
 
-def window_batches(items: Sequence[dict[str, Any]], category: str, size: int = 50) -> list[Batch]:
+def window_batches(items: Sequence[BenchItem], category: str, size: int = 50) -> list[Batch]:
     """Every gold listen of one category's items, batched: the head scores on exactly the spans the
     traces re-listen to (the mixed validation slices are mostly easy 0-2 event spans)."""
-    spans = [(it, a, min(b, float(it["duration"]))) for it in items if it["category"] == category
-             for a, b in trace_spans(it.get("trace", ""))]  # fmt: skip
+    spans = [(it, a, min(b, float(it.record["duration"]))) for it in items if it.group == category
+             for a, b in trace_spans(it.record.get("trace", ""))]  # fmt: skip
     batches = []
     for k in range(0, len(spans), size):
         chunk = spans[k : k + size]
-        labels = [slice_labels(it["events"], a, b) for it, a, b in chunk]
+        labels = [slice_labels(it.record["events"], a, b) for it, a, b in chunk]
         y = {name: torch.tensor([lab[name] for lab in labels]) for name in labels[0]}
-        batches.append(([read_slice(it["_audio"], a, b) for it, a, b in chunk], y))
+        batches.append(([read_slice(str(it.audio), a, b) for it, a, b in chunk], y))
     return batches
 
 
@@ -286,41 +277,32 @@ def evaluate_heads(model: Any, processor: Any, heads: EventHeads, batches: list[
 
 
 def pretrain(cfg: AudioPretrainConfig) -> Path:
-    from .sft import SFTConfig, load_items, load_model
-
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    items = load_clips(cfg.train)
-    sft_like = SFTConfig(
-        train=cfg.train, out=cfg.out, seed=cfg.seed, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        layers=cfg.layers, heads=cfg.heads, intermediate_size=cfg.intermediate_size,
-        audio_hidden_size=cfg.audio_hidden_size, audio_layers=cfg.audio_layers, audio_tokens=cfg.audio_tokens,
-        audio_time_tokens=cfg.audio_time_tokens,
-    )  # fmt: skip
-    if cfg.init is not None:
-        sft_like.init = str(cfg.init / "model")
-    model, processor = load_model(sft_like, load_items(cfg.train))
+    items = load_items(cfg.train)
+    init = str(cfg.init / "model") if cfg.init is not None else "echo-tiny"
+    model, processor = load_model(init, cfg, items, cfg.seed)
     encoder = model.audio_encoder
     heads = EventHeads(model.config.audio_tokens, model.config.text_config.hidden_size)
     if cfg.init is not None:
         heads.load_state_dict(torch.load(cfg.init / "heads.pt"))
-    weights = [cfg.category_weights.get(it["category"], 1.0) for it in items] if cfg.category_weights else None
+    weights = [cfg.category_weights.get(it.group, 1.0) for it in items] if cfg.category_weights else None
     params = [*encoder.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     val_rng = random.Random(cfg.seed + 1)
-    val_items = load_clips(cfg.val) if cfg.val else items[:200]
+    val_items = load_items(cfg.val) if cfg.val else items[:200]
     val_batches = [
         sample_batch(val_rng, val_items, 50, cfg.trace_span_share) for _ in range(max(1, cfg.eval_slices // 50))
     ]
     count_windows = window_batches(val_items, "count")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "pretrain_config.json").write_text(cfg.model_dump_json(indent=2))
-    log = (cfg.out / "pretrain_log.jsonl").open("a")
+    run = RunFolder(cfg.out, log_name="pretrain_log.jsonl")
+    run.write_config(cfg, "pretrain_config.json")
+    log = run.log()
     model.train()
     t0 = time.time()
     running: dict[str, float] = {}
     for step in range(1, cfg.steps + 1):
-        lr = cfg.lr * min(1.0, step / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        lr = lr_at(step - 1, cfg.lr, cfg.warmup, cfg.steps, 0.05)
         for group in opt.param_groups:
             group["lr"] = lr
         audios, y = sample_batch(rng, items, cfg.batch_size, cfg.trace_span_share, weights)
@@ -343,12 +325,10 @@ def pretrain(cfg: AudioPretrainConfig) -> Path:
                 if count_windows:
                     row["val_count_windows"] = round(evaluate_heads(model, processor, heads, count_windows)["count"], 4)
                 model.train()
-            print(json.dumps(row), flush=True)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.write(row)
+    log.close()
     model.eval()
-    model.save_pretrained(cfg.out / "model")
-    processor.save_pretrained(cfg.out / "model")
+    save_model(model, processor, cfg.out / "model")
     torch.save(heads.state_dict(), cfg.out / "heads.pt")
     return cfg.out / "model"
 
@@ -365,7 +345,7 @@ def score_windows(run: Path, data: Path, categories: Sequence[str]) -> dict[str,
     model, processor = backend.model.eval(), backend.processor
     heads = EventHeads(model.config.audio_tokens, model.config.text_config.hidden_size)
     heads.load_state_dict(torch.load(run / "heads.pt"))
-    items = load_clips(data)
+    items = load_items(data)
     return {cat: evaluate_heads(model, processor, heads, window_batches(items, cat)) for cat in categories}
 
 

@@ -2,120 +2,38 @@
 
     echo-agent collect data/train.json --samples 8 --out runs/traj.jsonl --temperature 1.0 --concurrency 16
 
-The rollout is the agent graph itself (`EchoAgent.graph`), never a second loop. Each (item, sample) becomes one
-`Trajectory` line in the JSON-lines file, holding the messages (text plus audio references), the listen calls,
-the verdict and its reward terms, and the token-level data a trainer needs (verl's `AgentLoopOutput` shape):
+The rollout is the agent graph itself, driven by the one runner (`echo_agent.graphs.runner`), never a second
+loop. Each (item, sample) becomes one `Trajectory` line (`echo_agent.training.trajectory`, the record GRPO
+trains on) in a JSON-lines file: the messages (text plus audio references), the listen calls, the verdict and
+its reward terms as the graph's verifier computed them, and the token-level data a trainer needs.
 
-- `prompt_ids`: the exact input of the first model call (the question turn up to `<|im_start|>assistant\\n`);
-- `response_ids`: everything after it, as the final model call saw it plus what it sampled: sampled tokens
-  (exactly the sampled ids, never re-tokenised), inserted audio placeholders, notes and runtime text;
-- `response_mask`: 1 on sampled tokens, 0 on inserted audio, notes and runtime text;
-- `response_logprobs`: the sampling policy's log-prob of each sampled token (0.0 where the mask is 0);
-- `audio_spans`: every audio input in placeholder order (clip hash, path, start/end; None/None = whole clip).
-
-`model_inputs` rebuilds the model's exact inputs (ids, mask, audio features) from a record with the same
-`PromptEncoder` the backend used, so a trainer recomputes log-probs on exactly the sampled ids.
-
-With a verifier retry the response holds the first attempt as context with mask 0: the retry call saw that
-attempt re-rendered by the chat template, not as its sampled ids, so those tokens carry no sampling log-prob
-in this sequence. The tokens of the final attempt, the one the reward judges, are all exact and masked 1.
-
-Runs are resumable and crash-safe: each record is appended, flushed and fsynced as its run finishes; a restart
-drops a torn last line and skips the (item, sample) keys already present, so a `kill -9` at any moment followed
-by a rerun leaves every key exactly once. Sampling is deterministic per (item, sample): the seed of a run derives
-from (seed, item id, sample index), and model call i of the run samples with that seed + i.
+Runs are resumable and crash-safe (`echo_agent.jsonl`): each record is appended, flushed and fsynced as its run
+finishes; a restart drops a torn last line and skips the (item, sample) keys already present, so a `kill -9` at
+any moment followed by a rerun leaves every key exactly once. Sampling is deterministic per (item, sample): the
+seed of a run derives from (seed, item id, sample index), and model call i of the run samples with that seed + i.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from ..agent import EchoAgent
-from ..audio import AudioRef, AudioStore
-from ..backends.base import AudioResolver, GenerationRequest
-from ..backends.transformers import EncodedAudio, PromptEncoder
-from ..errors import ConfigError, EchoError
-from ..graphs import EchoInput, new_question
-from ..messages import Message, audio_part
-from ..tools.listen import ListenCall
-from ..verifier import RewardTerms, Verdict
-from .eval import BenchItem, DataError, _progress_bar
+from ..backends.transformers import PromptEncoder
+from ..benchmarks import BenchItem
+from ..errors import ConfigError
+from ..graphs.runner import jobs, run_jobs
+from ..jsonl import RecordLog, read_records
+from .trajectory import Trajectory, to_trajectory
 
-__all__ = [
-    "AudioSpan",
-    "CollectSummary",
-    "Trajectory",
-    "collect",
-    "export_parquet",
-    "model_inputs",
-    "read_parquet",
-    "read_trajectories",
-    "sample_seed",
-    "sequence_logprobs",
-    "trajectory_id",
-]
-
-
-class AudioSpan(BaseModel):
-    """One audio input of a trajectory, by reference: enough to cut and encode the same samples again."""
-
-    model_config = ConfigDict(frozen=True)
-
-    clip: str
-    sha256: str = Field(description="content hash of the clip's file; a changed file is refused")
-    path: str = Field(description="the clip's file (absolute, as loaded)")
-    start: float | None = Field(description="seconds; None with end None = the whole clip")
-    end: float | None
-
-
-class Trajectory(BaseModel):
-    """One finished run of the graph: the record between rollout and trainer (design §6)."""
-
-    id: str = Field(description="'<item id>#<sample>'")
-    item_id: str
-    sample: int
-    seed: int = Field(description="the run's sampling seed; model call i samples with seed + i")
-    model: str
-    backend: str
-    mode: str
-    temperature: float
-    config_hash: str = Field(description="hash of everything that shapes a run: agent config, model, seed")
-    data: str = Field(description="the data file")
-    question: str
-    choices: list[str]
-    gold: str | None
-    status: Literal["answered", "no_answer", "error"]
-    error: str | None = None
-    answer: str | None = None
-    choice: str | None = None
-    correct: bool | None = None
-    reward: float = 0.0
-    reward_terms: RewardTerms | None = None
-    verdict: Verdict | None = None
-    listens: list[ListenCall] = Field(default_factory=list)
-    clips: dict[str, AudioRef] = Field(default_factory=dict)
-    messages: list[Message] = Field(
-        default_factory=list, description="the conversation; text parts without their token ids (see response_ids)"
-    )
-    prompt_ids: list[int] = Field(default_factory=list)
-    response_ids: list[int] = Field(default_factory=list)
-    response_mask: list[int] = Field(default_factory=list, description="1 on sampled tokens, else 0")
-    response_logprobs: list[float] = Field(default_factory=list, description="0.0 where response_mask is 0")
-    audio_spans: list[AudioSpan] = Field(default_factory=list, description="audio inputs in placeholder order")
-    model_calls: int = 0
-    retries: int = 0
-    generated_tokens: int = 0
-    latency_s: float = 0.0
+__all__ = ["CollectSummary", "collect", "config_hash", "export_parquet", "read_parquet", "read_trajectories"]
 
 
 class CollectSummary(BaseModel):
@@ -130,133 +48,11 @@ class CollectSummary(BaseModel):
     trajectories_per_s: float
 
 
-def trajectory_id(item_id: str, sample: int) -> str:
-    return f"{item_id}#{sample}"
-
-
-def sample_seed(seed: int, item_id: str, sample: int) -> int:
-    """A seed that depends only on (seed, item id, sample index): reruns and resumes sample alike."""
-    digest = hashlib.sha256(f"{seed}\x00{item_id}\x00{sample}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") >> 1  # 31 bits: valid for every RNG that takes a seed
-
-
 def config_hash(agent: EchoAgent, seed: int) -> str:
     cfg = agent.config.model_dump(mode="json")
     cfg["sampling"].pop("seed", None)  # replaced per run by sample_seed
     blob = json.dumps({"config": cfg, "model": agent.backend.name, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------- token data
-
-
-def _spans(messages: Sequence[Message], clips: dict[str, AudioRef]) -> list[AudioSpan]:
-    return [
-        AudioSpan(
-            clip=p["clip"], sha256=clips[p["clip"]].sha256, path=clips[p["clip"]].path, start=p["start"], end=p["end"]
-        )
-        for m in messages
-        for p in m["content"]
-        if p["type"] == "audio"
-    ]
-
-
-def token_data(
-    encoder: PromptEncoder, conversation: list[Message], question_start: int, audio: AudioResolver
-) -> dict[str, Any]:
-    """prompt/response ids, mask and log-probs of a finished seg-protocol conversation (see the module doc)."""
-    if not conversation or conversation[-1]["role"] != "assistant":
-        raise EchoError("the conversation does not end with an assistant turn")
-    first = encoder.encode(GenerationRequest(messages=conversation[:question_start]), audio).input_ids
-    full = encoder.encode(GenerationRequest(messages=conversation, continue_final=True), audio)
-    n = 0  # the prompt is the first call's input; a retry re-renders text after it, never before it
-    while n < min(len(first), len(full.input_ids)) and first[n] == full.input_ids[n]:
-        n += 1
-    sampled = [
-        lp
-        for p in conversation[-1]["content"]
-        if p["type"] == "text" and p["origin"] == "model"
-        for lp in p.get("logprobs", [])
-    ]
-    mask = full.loss_mask[n:]
-    if sum(full.loss_mask[:n]) or sum(mask) != len(sampled):
-        raise EchoError(f"{sum(mask)} trainable tokens but {len(sampled)} sampled log-probs")
-    it = iter(sampled)
-    logprobs = [next(it) if m else 0.0 for m in mask]
-    return {
-        "prompt_ids": full.input_ids[:n],
-        "response_ids": full.input_ids[n:],
-        "response_mask": mask,
-        "response_logprobs": logprobs,
-    }
-
-
-def _strip_tokens(messages: Sequence[Message]) -> list[Message]:
-    """The messages without per-part token ids and log-probs (they live in the token fields once)."""
-    out: list[Message] = []
-    for m in messages:
-        parts = [
-            {k: v for k, v in p.items() if k not in ("token_ids", "logprobs")} if p["type"] == "text" else p
-            for p in m["content"]
-        ]
-        out.append({**m, "content": parts})  # type: ignore[typeddict-item]
-    return out
-
-
-def model_inputs(
-    traj: Trajectory, encoder: PromptEncoder, store: AudioStore | None = None, device: str | torch.device = "cpu"
-) -> dict[str, torch.Tensor]:
-    """The exact model inputs of a trajectory, batch of one: `input_ids`, `attention_mask`, the audio features
-    (`input_features`, `feature_attention_mask`), plus `loss_mask` and `old_logprobs` over the whole sequence.
-
-    Audio is cut again from `audio_spans` (the files must still hash the same) and encoded by the processor; each
-    clip's placeholder ids are checked against the record, so features and placeholders provably line up.
-    """
-    if traj.status == "error":
-        raise EchoError(f"trajectory {traj.id} has no token data ({traj.error})")
-    store = store or AudioStore()
-    refs = {s.clip: traj.clips[s.clip] for s in traj.audio_spans}
-    resolver = AudioResolver(store, refs)
-    ids = traj.prompt_ids + traj.response_ids
-    audios: list[EncodedAudio] = []
-    pos = 0
-    for span in traj.audio_spans:
-        enc = encoder.encode_audio_part(audio_part(span.clip, span.start, span.end), resolver)
-        bos = enc.input_ids[0]
-        try:
-            pos = ids.index(bos, pos)
-        except ValueError:
-            raise EchoError(f"trajectory {traj.id}: fewer audio placeholders than audio spans") from None
-        if ids[pos : pos + len(enc.input_ids)] != enc.input_ids:
-            raise EchoError(f"trajectory {traj.id}: the audio at {span.start}-{span.end} s encodes differently")
-        pos += len(enc.input_ids)
-        audios.append(enc)
-    bos_id = int(encoder.tokenizer.convert_tokens_to_ids("<|audio_bos|>"))
-    if ids.count(bos_id) != len(audios):
-        raise EchoError(f"trajectory {traj.id}: {ids.count(bos_id)} audio placeholders, {len(audios)} spans")
-    n_prompt = len(traj.prompt_ids)
-    out: dict[str, torch.Tensor] = {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-        "loss_mask": torch.tensor([[0] * n_prompt + traj.response_mask], dtype=torch.long),
-        "old_logprobs": torch.tensor([[0.0] * n_prompt + traj.response_logprobs], dtype=torch.float32),
-    }
-    if audios:
-        out.update(encoder.collate(audios))
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def sequence_logprobs(model: Any, inputs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """log p(token t | tokens < t) for every position t >= 1, shape `(1, L - 1)`, under `model` (the trainer's
-    recomputation). Pass the trajectory's sampling temperature (0 means greedy: logits taken as they are)."""
-    kwargs = {k: v for k, v in inputs.items() if k not in ("loss_mask", "old_logprobs")}
-    if "input_features" in kwargs:
-        kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
-    logits = model(**kwargs).logits[:, :-1].float()
-    if temperature > 0:
-        logits = logits / temperature
-    targets = inputs["input_ids"][:, 1:].unsqueeze(-1)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------- the file
@@ -267,100 +63,10 @@ def read_trajectories(path: Path) -> tuple[dict[str, Trajectory], int]:
 
     A torn last line (a crash mid-write) is ignored; any other bad line raises `DataError`.
     """
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    done: dict[str, Trajectory] = {}
-    last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
-    valid_end = pos = 0
-    for i, raw in enumerate(lines):
-        pos += len(raw) + (1 if i < len(lines) - 1 else 0)
-        if raw.strip():
-            try:
-                traj = Trajectory.model_validate_json(raw)
-            except ValidationError as err:
-                if i == last:
-                    break
-                raise DataError(f"{path}: line {i + 1}: not a trajectory: {err.errors()[0]['msg']}") from None
-            done.setdefault(traj.id, traj)
-        valid_end = pos
-    return done, valid_end
-
-
-def _open_out(path: Path, chash: str) -> tuple[dict[str, Trajectory], IO[bytes]]:
-    done: dict[str, Trajectory] = {}
-    if path.exists():
-        done, valid_end = read_trajectories(path)
-        for traj in done.values():
-            if traj.config_hash != chash:
-                raise ConfigError(
-                    f"{path} holds trajectories of another configuration (model, mode, sampling or seed); "
-                    "use another --out or delete it"
-                )
-        if valid_end < path.stat().st_size:
-            os.truncate(path, valid_end)  # drop the torn last line
-    f = open(path, "ab")  # noqa: SIM115 - closed by the caller
-    if f.tell() > 0:
-        with open(path, "rb") as r:
-            r.seek(-1, os.SEEK_END)
-            if r.read(1) != b"\n":  # a complete last record whose newline was not written
-                f.write(b"\n")
-    return done, f
+    return read_records(path, Trajectory, lambda t: t.id, "trajectory")
 
 
 # -------------------------------------------------------------------------------------------- collection
-
-
-async def _run_graph(agent: EchoAgent, inputs: EchoInput) -> dict[str, Any]:
-    """Run the graph; return its full final state (its output schema leaves out the conversation)."""
-    state: dict[str, Any] = dict(inputs)
-    async for chunk in agent.graph.astream(inputs, stream_mode="updates"):
-        for update in chunk.values():
-            if update:
-                state.update(update)
-    return state
-
-
-async def _run_one(
-    agent: EchoAgent, encoder: PromptEncoder, item: BenchItem, sample: int, seed: int, chash: str
-) -> Trajectory:
-    s = sample_seed(seed, item.id, sample)
-    head: dict[str, Any] = {
-        "id": trajectory_id(item.id, sample), "item_id": item.id, "sample": sample, "seed": s,
-        "model": agent.backend.name, "backend": type(agent.backend).__name__, "mode": agent.config.mode,
-        "temperature": agent.config.sampling.temperature, "config_hash": chash, "data": str(item.source),
-        "question": item.question, "choices": item.choices, "gold": item.answer,
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    try:
-        ref = await asyncio.to_thread(agent.load, item.audio)
-        inputs = new_question(item.question, {"main": ref.model_dump()}, item.choices, item.answer, seed=s)
-        state = await _run_graph(agent, inputs)
-        clips = {cid: AudioRef.model_validate(r) for cid, r in state["clips"].items()}
-        conversation: list[Message] = state["conversation"]
-        tokens = token_data(encoder, conversation, state["question_start"], AudioResolver(agent.store, clips))
-    except EchoError as err:
-        return Trajectory(**head, status="error", error=f"{type(err).__name__}: {err}",
-                          latency_s=round(time.perf_counter() - t0, 4))  # fmt: skip
-    verdict = Verdict.model_validate(state["verdict"])
-    return Trajectory(
-        **head,
-        **tokens,
-        status=state["status"],
-        answer=verdict.answer,
-        choice=verdict.choice,
-        correct=verdict.correct,
-        reward=verdict.reward,
-        reward_terms=verdict.terms,
-        verdict=verdict,
-        listens=[ListenCall.model_validate(c) for c in state["listens"]],
-        clips=clips,
-        messages=_strip_tokens(conversation),
-        audio_spans=_spans(conversation, clips),
-        model_calls=state["model_calls"],
-        retries=state["retries"],
-        generated_tokens=state["generated_tokens"],
-        latency_s=round(time.perf_counter() - t0, 4),
-    )
 
 
 async def collect(
@@ -376,8 +82,8 @@ async def collect(
 ) -> CollectSummary:
     """Run `samples` rollouts of every item (the first `limit`) and append them to `out` (see the module doc).
 
-    At most `concurrency` runs are in flight; give `agent` a `BatchingBackend` so their model calls share
-    batches. The backend must expose the model's `PromptEncoder` (a local transformers model).
+    At most `concurrency` runs are in flight; give `agent` a batched backend (`runner.batched`) so their model
+    calls share batches. The backend must expose the model's `PromptEncoder` (a local transformers model).
     """
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
@@ -395,33 +101,27 @@ async def collect(
         raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'traj.jsonl'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     chash = config_hash(agent, seed)
+
+    def same_config(traj: Trajectory) -> None:
+        if traj.config_hash != chash:
+            raise ConfigError(
+                f"{out} holds trajectories of another configuration (model, mode, sampling, reward or seed); "
+                "use another --out or delete it"
+            )
+
     selected = list(items[:limit] if limit is not None else items)
-    keys = [(item, k) for item in selected for k in range(samples)]
-    done, f = _open_out(out, chash)
-    todo = [(item, k) for item, k in keys if trajectory_id(item.id, k) not in done]
-    sem = asyncio.Semaphore(concurrency)
-
-    async def run(item: BenchItem, k: int) -> Trajectory:
-        async with sem:
-            return await _run_one(agent, encoder, item, k, seed, chash)
-
+    keys = jobs(selected, samples, seed)
+    head = {"model": agent.backend.name, "backend": type(agent.backend).__name__, "mode": agent.config.mode,
+            "temperature": agent.config.sampling.temperature, "config_hash": chash}  # fmt: skip
     written: list[Trajectory] = []
     t0 = time.perf_counter()
-    tasks = [asyncio.create_task(run(item, k)) for item, k in todo]
-    try:
-        with _progress_bar(progress, len(todo), f"collect x{samples}") as advance:
-            for next_done in asyncio.as_completed(tasks):
-                traj = await next_done
-                f.write(traj.model_dump_json().encode() + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-                written.append(traj)
-                advance()
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        f.close()
+    with RecordLog(out, Trajectory, lambda t: t.id, "trajectory", same_config) as log:
+        todo = [job for job in keys if job.id not in log.done]
+        label = f"collect x{samples}" if progress else None
+        async for outcome in run_jobs(agent, todo, concurrency=concurrency, progress=label):
+            traj = to_trajectory(outcome, encoder, agent.store, {**head, "data": str(outcome.job.item.source)})
+            log.append(traj)
+            written.append(traj)
     elapsed = time.perf_counter() - t0
     ran = [t for t in written if t.status != "error"]
     return CollectSummary(

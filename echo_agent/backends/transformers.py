@@ -56,11 +56,13 @@ class EncodedAudio:
 
 
 def processor_family(processor: Any) -> AudioFamily:
-    """Which family a processor belongs to."""
-    from ..echo_tiny import EchoTinyProcessor
-
-    if isinstance(processor, EchoTinyProcessor):
-        return "echo_tiny"
+    """Which family a processor belongs to: the `audio_family` its class declares (our own processors, e.g.
+    echo-tiny's), else transformers' Qwen audio processors by class."""
+    declared = getattr(type(processor), "audio_family", None)
+    families: tuple[AudioFamily, ...] = ("qwen2_audio", "qwen2_5_omni", "echo_tiny")
+    for family in families:
+        if declared == family:
+            return family
     if isinstance(processor, Qwen2_5OmniProcessor):
         return "qwen2_5_omni"
     if isinstance(processor, Qwen2AudioProcessor):

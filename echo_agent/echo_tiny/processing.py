@@ -5,19 +5,25 @@ clip's length: that fixed budget is the model's defining property (see `EchoTiny
 The processor speaks the same call convention as transformers' Qwen audio processors
 (`processor(text=..., audio=[...], sampling_rate=..., return_tensors="pt")` returning
 `input_ids`, `input_features`, `feature_attention_mask`), so `TransformersBackend` runs it unchanged.
+
+Both classes are real transformers processors (`ProcessorMixin`, `SequenceFeatureExtractor`): saving,
+loading through `AutoProcessor`/`AutoFeatureExtractor` and `apply_chat_template` are transformers' own.
+Model directories written before that (a `processor_config.json` with the template under `template` and
+the feature extractor's settings without `feature_extractor_type`, as the shipped echo-tiny has) still load:
+the template is read from there, the feature extractor found through config.json's model type.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers import BatchFeature, PreTrainedTokenizerBase, PreTrainedTokenizerFast, ProcessorMixin
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
@@ -38,30 +44,38 @@ CHAT_TEMPLATE = (
 LOG_MEL_MEAN, LOG_MEL_STD = -0.1, 0.75
 
 
-class EchoTinyFeatureExtractor:
+@functools.lru_cache(maxsize=8)
+def _mel_transform(sampling_rate: int, n_fft: int, hop_length: int, n_mels: int) -> Any:
+    # Built once per setting and kept off the instance, so `to_dict`/deepcopy never meet a torch module.
+    import torchaudio
+
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=sampling_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
+    )
+
+
+class EchoTinyFeatureExtractor(SequenceFeatureExtractor):
     """Log-mel features at 100 frames/s (25 ms window, 10 ms hop), standardised on a fixed scale."""
 
-    def __init__(self, sampling_rate: int = 16000, n_mels: int = 64, n_fft: int = 400, hop_length: int = 160) -> None:
-        self.sampling_rate, self.n_mels, self.n_fft, self.hop_length = sampling_rate, n_mels, n_fft, hop_length
-        self._mel: Any = None
+    model_input_names = ["input_features", "attention_mask"]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"sampling_rate": self.sampling_rate, "n_mels": self.n_mels, "n_fft": self.n_fft,
-                "hop_length": self.hop_length}  # fmt: skip
+    def __init__(
+        self, sampling_rate: int = 16000, n_mels: int = 64, n_fft: int = 400, hop_length: int = 160, **kwargs: Any
+    ) -> None:
+        # `feature_size` is n_mels and padding is zeros; saved copies of both are ignored so they cannot disagree.
+        kwargs.pop("feature_size", None)
+        kwargs.pop("padding_value", None)
+        super().__init__(feature_size=n_mels, sampling_rate=sampling_rate, padding_value=0.0, **kwargs)
+        self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
 
     def frames(self, n_samples: int) -> int:
-        return n_samples // self.hop_length + 1
+        return int(n_samples // self.hop_length + 1)
 
     def log_mel(self, waveform: np.ndarray) -> torch.Tensor:
-        if self._mel is None:
-            import torchaudio
-
-            self._mel = torchaudio.transforms.MelSpectrogram(
-                sample_rate=self.sampling_rate, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels
-            )
+        mel_transform = _mel_transform(int(self.sampling_rate), self.n_fft, self.hop_length, self.n_mels)
         x = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: store arrays are read-only
         with torch.no_grad():
-            mel = self._mel(x)  # (n_mels, frames)
+            mel = mel_transform(x)  # (n_mels, frames)
         return (torch.log10(mel.clamp(min=1e-8)) - LOG_MEL_MEAN) / LOG_MEL_STD
 
     def __call__(
@@ -79,35 +93,53 @@ class EchoTinyFeatureExtractor:
         return BatchFeature({"input_features": feats, "attention_mask": mask})
 
 
-class EchoTinyProcessor:
+class EchoTinyProcessor(ProcessorMixin):
+    """The feature extractor and tokenizer of echo-tiny, with its fixed per-clip `audio_tokens` budget."""
+
+    audio_family: ClassVar[str] = "echo_tiny"
+    """Read by `echo_agent.backends.transformers.processor_family`: how the backend lays out audio features."""
+
+    feature_extractor: EchoTinyFeatureExtractor
+    tokenizer: PreTrainedTokenizerBase
+    chat_template: str
+
     def __init__(
         self,
         feature_extractor: EchoTinyFeatureExtractor,
-        tokenizer: PreTrainedTokenizerFast,
+        tokenizer: PreTrainedTokenizerBase,
         audio_tokens: int = 16,
-        chat_template: str = CHAT_TEMPLATE,
+        chat_template: str | None = None,
     ) -> None:
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
+        # ProcessorMixin finds the sub-processors by these parameter names and checks their base classes.
+        super().__init__(feature_extractor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
         self.audio_tokens = audio_tokens
-        self.chat_template = chat_template
-        self._template = ImmutableSandboxedEnvironment(trim_blocks=False).from_string(chat_template)
 
-    def apply_chat_template(
-        self, conversation: list[dict[str, Any]], add_generation_prompt: bool = False, tokenize: bool = False, **_: Any
-    ) -> str:
-        if tokenize:
-            raise ValueError("EchoTinyProcessor.apply_chat_template renders text; call the processor to tokenize")
-        return str(self._template.render(messages=conversation, add_generation_prompt=add_generation_prompt))
+    @classmethod
+    def get_processor_dict(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        processor_dict, kwargs = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        # The pre-ProcessorMixin format kept the chat template in processor_config.json under `template`.
+        legacy_template = processor_dict.pop("template", None)
+        if legacy_template is not None:
+            processor_dict.setdefault("chat_template", legacy_template)
+        return processor_dict, kwargs
 
     def __call__(
         self,
-        text: str | list[str],
+        text: str | list[str] | None = None,
         audio: Sequence[np.ndarray] | None = None,
         sampling_rate: int | None = None,
-        return_tensors: str = "pt",
+        return_tensors: str | None = "pt",
+        images: Any = None,
+        videos: Any = None,
         **_: Any,
     ) -> BatchFeature:
+        """Always PyTorch tensors; `images`/`videos` exist only so ProcessorMixin's generic callers can pass None."""
+        if text is None:
+            raise ValueError("EchoTinyProcessor needs text (with one <|AUDIO|> per audio input)")
+        if images is not None or videos is not None:
+            raise ValueError("echo-tiny takes text and audio only")
         texts = [text] if isinstance(text, str) else list(text)
         audios = list(audio or [])
         n_placeholders = sum(t.count(AUDIO_TOKEN) for t in texts)
@@ -122,25 +154,9 @@ class EchoTinyProcessor:
             data["feature_attention_mask"] = feats["attention_mask"]
         return BatchFeature(data)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        config = {"processor_class": "EchoTinyProcessor", "audio_tokens": self.audio_tokens,
-                  "feature_extractor": self.feature_extractor.to_dict(), "template": self.chat_template}  # fmt: skip
-        (path / "processor_config.json").write_text(json.dumps(config, indent=2))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **_: Any) -> EchoTinyProcessor:
-        path = Path(path)
-        config = json.loads((path / "processor_config.json").read_text())
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-        return cls(
-            EchoTinyFeatureExtractor(**config["feature_extractor"]),
-            tokenizer,
-            audio_tokens=config["audio_tokens"],
-            chat_template=config["template"],
-        )
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "input_features", "feature_attention_mask"]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:

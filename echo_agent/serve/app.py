@@ -28,7 +28,6 @@ import json
 import time
 import uuid
 import weakref
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ..agent import EchoAgent, Result
 from ..audio import AudioLimits, AudioRef, AudioStore
 from ..backends.base import AudioResolver, Generation, GenerationRequest, ModelBackend
+from ..chat import next_clip_name, split_choices
 from ..config import AgentConfig, SamplingParams
 from ..errors import AudioTooLargeError, BackendError, EchoError
 from ..messages import Message
@@ -104,23 +104,17 @@ class _Server:
         # (a 10-minute clip is ~40 MB of float samples per sample rate).
         self.store = AudioStore(limits, max_cached=16)
         self.intake = AudioIntake(self.store, config.data_dir / "uploads", list(config.allow_file_dirs))
-        self._agents: OrderedDict[tuple[str, bool], EchoAgent] = OrderedDict()  # LRU: clients pick the seeds
+        # One compiled graph each for one-off questions and for persisted threads; sampling travels with each run.
+        self._agents = {
+            persistent: EchoAgent(backend, self.store, config.agent, checkpointer=saver if persistent else None)
+            for persistent in (False, True)
+        }
         # Held only while a question runs; weak values, so finished threads leave nothing behind.
         self._thread_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
-    def agent(self, sampling: SamplingParams, persistent: bool) -> EchoAgent:
-        """An agent for these sampling settings; persistent ones checkpoint into the chat database."""
-        key = (sampling.model_dump_json(), persistent)
-        if key in self._agents:
-            self._agents.move_to_end(key)
-            return self._agents[key]
-        cfg = self.config.agent.model_copy(update={"sampling": sampling})
-        agent = self._agents[key] = EchoAgent(
-            self.backend, self.store, cfg, checkpointer=self.saver if persistent else None
-        )
-        if len(self._agents) > 32:  # compiling a graph takes milliseconds; keeping every one would grow forever
-            self._agents.popitem(last=False)
-        return agent
+    def agent(self, persistent: bool) -> EchoAgent:
+        """The agent; the persistent one checkpoints into the chat database."""
+        return self._agents[persistent]
 
     def thread_lock(self, thread: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
         """One question at a time per thread (two at once would fork its history); none for no thread."""
@@ -233,7 +227,7 @@ def create_app(backend: ModelBackend, config: ServeConfig, *, saver: BaseCheckpo
     @app.get("/api/threads/{thread_id}")
     async def thread(thread_id: str) -> Response:
         server = holder["s"]
-        agent = server.agent(config.agent.sampling, persistent=True)
+        agent = server.agent(persistent=True)
         snap = await agent.graph.aget_state({"configurable": {"thread_id": thread_id}})
         if not snap or not snap.values:
             return _error(404, f"no thread {thread_id!r}", "not_found_error")
@@ -404,8 +398,6 @@ def _clip_table(state_clips: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def _agent_inputs(
     server: _Server, req: ChatRequest, conv: Conversation, agent: EchoAgent, thread: str | None
 ) -> _AgentInputs:
-    from ..cli import split_choices
-
     opts = req.echo or EchoOptions()
     question = last_user_text(conv.messages)
     if not question:
@@ -425,7 +417,7 @@ async def _agent_inputs(
         if ref.sha256 in shas:
             continue
         shas.add(ref.sha256)
-        name = "main" if not known and not new else f"clip{len(known) + len(new) + 1}"
+        name = next_clip_name([*known, *new])
         new[name] = ref
     if not known and not new:
         raise RequestError("no audio: send the clip as an input_audio or audio_url part")
@@ -437,13 +429,13 @@ async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> 
     thread = req.echo.thread_id if req.echo else None
     defaults = server.config.agent.sampling
     sampling = server.sampling(req, default_temperature=defaults.temperature, default_seed=defaults.seed)
-    agent = server.agent(sampling, persistent=thread is not None)
+    agent = server.agent(persistent=thread is not None)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not req.stream:
         async with server.thread_lock(thread):
             question, choices, audio, clips = await _agent_inputs(server, req, conv, agent, thread)
-            result = await agent.ask(audio, question, choices, thread_id=thread)
+            result = await agent.ask(audio, question, choices, thread_id=thread, sampling=sampling)
         echo = _echo_body(result, thread, clips)
         message = {"role": "assistant", "content": result.answer or "", "echo": echo}
         return JSONResponse({
@@ -456,7 +448,7 @@ async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> 
     # thread's lock itself (a generator that never starts must not hold it) and reads the thread again.
     await _agent_inputs(server, req, conv, agent, thread)
     return StreamingResponse(
-        _agent_stream(server, agent, req, conv, thread, cid, created), media_type="text/event-stream"
+        _agent_stream(server, agent, req, conv, thread, cid, created, sampling), media_type="text/event-stream"
     )
 
 
@@ -471,27 +463,27 @@ def _echo_body(result: Result, thread: str | None, clips: dict[str, Any]) -> dic
 
 async def _agent_stream(
     server: _Server, agent: EchoAgent, req: ChatRequest, conv: Conversation, thread: str | None, cid: str,
-    created: int,
+    created: int, sampling: SamplingParams,
 ) -> AsyncIterator[str]:  # fmt: skip
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})  # fmt: skip
 
     async with server.thread_lock(thread):
-        async for event in _agent_events(agent, req, conv, thread, server, chunk):
+        async for event in _agent_events(agent, req, conv, thread, server, chunk, sampling):
             yield event
     yield "data: [DONE]\n\n"
 
 
 async def _agent_events(
     agent: EchoAgent, req: ChatRequest, conv: Conversation, thread: str | None, server: _Server,
-    chunk: Callable[..., str],
+    chunk: Callable[..., str], sampling: SamplingParams,
 ) -> AsyncIterator[str]:  # fmt: skip
     try:
         question, choices, audio, clips = await _agent_inputs(server, req, conv, agent, thread)
         yield chunk({"role": "assistant", "content": "", "echo": {"type": "start", "thread_id": thread,
                                                                   "clips": _clip_table(clips)}})  # fmt: skip
-        async for event in agent.astream(audio, question, choices, thread_id=thread):
+        async for event in agent.astream(audio, question, choices, thread_id=thread, sampling=sampling):
             kind = event["type"]
             if kind == "text":
                 yield chunk({"reasoning_content": event["delta"]})

@@ -1,6 +1,6 @@
 """The graph factory that `langgraph dev` / LangGraph Server loads (see `langgraph.json` at the repo root).
 
-The model comes from the environment: `ECHO_MODEL` (default: the built-in tiny random model; a model
+The model comes from the environment: `ECHO_MODEL` (default: `echo-tiny`, the shipped model; a model
 directory, or `openai:MODEL@http://HOST:PORT/v1` for a vLLM server) and, optionally, `ECHO_BASE_URL`.
 LangGraph Server supplies its own checkpointer. The graph's input is `{"clips": {"main": AudioRef},
 "question": ..., "choices": [...]}`, where an AudioRef names a file the server can read: build one

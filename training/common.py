@@ -1,0 +1,176 @@
+"""What the trainers share, in one place: the run folder, atomic checkpoints and resume, freezing and LoRA,
+the learning-rate schedule and the JSON log. Stage 0 (`audio_pretrain.py`), SFT (`sft.py`) and GRPO (`grpo.py`)
+import these and not each other."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from ..benchmarks import BenchItem, load_benchmark
+from ..config import AudioMode
+from ..echo_tiny import EchoTinySizes, new_echo_tiny
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+class TrainableSettings(BaseModel):
+    """Which weights a run trains. Trainer configs inherit these fields (flat, as in their JSON files)."""
+
+    freeze_audio_encoder: bool = False
+    lora: bool = Field(False, description="train LoRA adapters (peft) instead of all weights; for large models")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+def make_trainable(model: Any, cfg: TrainableSettings, adapter_from: Path | None = None) -> Any:
+    """Freeze the audio encoder if asked; wrap in LoRA adapters (peft) if asked, restoring them from checkpoint
+    `adapter_from` when resuming."""
+    if cfg.freeze_audio_encoder:
+        for name, p in model.named_parameters():
+            if "audio" in name:
+                p.requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 target_modules=cfg.lora_targets))  # fmt: skip
+        if adapter_from is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(adapter_from / "adapter_model.safetensors"))
+    return model
+
+
+def prepare_training(
+    model: Any, cfg: TrainableSettings, accelerator: Any, run: RunFolder, resume: dict[str, Any] | None, *,
+    lr: float, weight_decay: float, betas: tuple[float, float],
+) -> tuple[Any, Any, list[torch.nn.Parameter]]:  # fmt: skip
+    """Make the model trainable (freezing, LoRA restored from the checkpoint when resuming), build AdamW over what
+    trains, hand both to `accelerator`, and restore the optimizer's state when resuming."""
+    model = make_trainable(model, cfg, run.checkpoint if resume else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    return model, optimizer, params
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio * lr` at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def load_items(path: Path) -> list[BenchItem]:
+    """A training or validation file (MMAU format; the suite's records also carry `trace` and `events`)."""
+    return load_benchmark(path)
+
+
+def save_model(
+    model: Any, processor: Any, where: Path, trainer_state: dict[str, Any] | None = None, merge_lora: bool = False
+) -> None:
+    """Save model, processor and (for a checkpoint) the trainer state to WHERE.tmp, then swap it in with two
+    renames, so a kill at any point leaves a whole directory at WHERE or WHERE.old (`RunFolder.resume` finds it)."""
+    tmp = where.with_name(where.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a stale half-save from a crash must not leak into this one
+    (model.merge_and_unload() if merge_lora else model).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    old = where.with_name(where.name + ".old")
+    if where.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        where.rename(old)
+    tmp.rename(where)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class RunFolder:
+    """OUT/ of a training run: config.json, log.jsonl, checkpoint/ (resumed) and final/."""
+
+    def __init__(self, out: Path, log_name: str = "log.jsonl") -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = self.out / "checkpoint"
+        self.final = self.out / "final"
+        self.log_path = self.out / log_name
+
+    def resume(self) -> dict[str, Any] | None:
+        """The checkpoint's trainer state when there is one to resume (recovering a kill between the two renames
+        of `save_model`), else None."""
+        old = self.checkpoint.with_name(self.checkpoint.name + ".old")
+        if not self.checkpoint.exists() and (old / TRAINER_STATE).is_file():
+            old.rename(self.checkpoint)
+        path = self.checkpoint / TRAINER_STATE
+        if not path.is_file():
+            return None
+        state: dict[str, Any] = torch.load(path, weights_only=False)
+        return state
+
+    def write_config(self, cfg: BaseModel, name: str = "config.json") -> None:
+        (self.out / name).write_text(cfg.model_dump_json(indent=2))
+
+    def log(self) -> JsonLog:
+        return JsonLog(self.log_path)
+
+
+class JsonLog:
+    """One JSON object per line, flushed as written, and echoed to stdout (the run's progress)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f: IO[str] = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
+        self._f.write(line + "\n")
+        self._f.flush()
+        print(line, flush=True)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def validation_accuracy(backend: Any, items: Sequence[BenchItem], mode: AudioMode, max_new_tokens: int = 160) -> float:
+    """Accuracy of the real agent graph, greedy, on items with gold answers: the trainers' validation. The runs
+    go through the one runner, batched."""
+    import asyncio
+
+    from ..agent import EchoAgent
+    from ..config import AgentConfig, SamplingParams
+    from ..graphs.runner import accuracy, batched, jobs, run_all
+
+    agent = EchoAgent(batched(backend), config=AgentConfig(sampling=SamplingParams(max_new_tokens=max_new_tokens),
+                                                             mode=mode))  # fmt: skip
+    return accuracy(asyncio.run(run_all(agent, jobs(items), concurrency=16)))
+
+
+def tokenizer_corpus(items: Sequence[BenchItem]) -> list[str]:
+    """What a new echo-tiny's tokenizer is trained on: the items' questions, choices and gold traces, and the
+    runtime's own prompt text."""
+    from ..prompts import INSTRUCTION, RETRY_NUDGE
+
+    corpus = [it.question + " " + " ".join(it.choices) + " " + it.record.get("trace", "") for it in items]
+    return [*corpus, INSTRUCTION, *RETRY_NUDGE.values()]
+
+
+def load_model(init: str, sizes: EchoTinySizes, items: Sequence[BenchItem], seed: int) -> tuple[Any, Any]:
+    """The model a run starts from: a new echo-tiny of `sizes` (init "echo-tiny"), or a model directory."""
+    if init == "echo-tiny":
+        return new_echo_tiny(sizes, tokenizer_corpus(items), seed)
+    from ..backends.transformers import TransformersBackend
+
+    backend = TransformersBackend.from_pretrained(init)
+    return backend.model, backend.processor
