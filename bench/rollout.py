@@ -36,10 +36,11 @@ from echo_agent.agent import EchoAgent
 from echo_agent.backends.base import ModelBackend
 from echo_agent.backends.batching import BatchingBackend
 from echo_agent.backends.transformers import TransformersBackend
+from echo_agent.benchmarks import BenchItem, load_benchmark
 from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.training.collect import collect, read_trajectories
-from echo_agent.training.eval import BenchItem, load_benchmark
-from echo_agent.training.sft import SFTConfig, load_items, load_model
+from echo_agent.training.common import load_items, load_model
+from echo_agent.training.sft import SFTConfig
 from echo_agent.training.synth import write_suite
 
 
@@ -47,7 +48,7 @@ def _backend(model_dir: str | None, data: Path) -> TransformersBackend:
     if model_dir is not None:
         return TransformersBackend.from_pretrained(model_dir)
     cfg = SFTConfig(train=data, out=data.parent / "unused", hidden_size=128, layers=3, intermediate_size=384)
-    model, processor = load_model(cfg, load_items(data))
+    model, processor = load_model(cfg.init, cfg, load_items(data), cfg.seed)
     return TransformersBackend(model, processor, name="echo-tiny (random)")
 
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from echo_agent.backends.transformers import PromptEncoder
-from echo_agent.training.sft import SFTConfig, batches, load_items, load_model, lr_at, train_step
+from echo_agent.training.common import load_items, load_model, lr_at
+from echo_agent.training.sft import SFTConfig, batches, train_step
 from echo_agent.training.synth import write_suite
 
 Batch = dict[str, torch.Tensor]
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3, help="steps per side per round")
     ap.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--durations", type=float, nargs=2, default=(10.0, 30.0), metavar=("MIN", "MAX"))
-    ap.add_argument("--mode", choices=("interleaved", "cold_start"), default="interleaved")
+    ap.add_argument("--mode", choices=("interleaved", "grounded"), default="interleaved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accelerator = Accelerator()
         device = accelerator.device
         torch.manual_seed(cfg.seed)
-        model, processor = load_model(cfg, items)
+        model, processor = load_model(cfg.init, cfg, items, cfg.seed)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch, n_tokens = next(data)
             pipeline_s += time.perf_counter() - t
             seen.append(batch["input_ids"])
-            losses.append(train_step(model, optimizer, accelerator, params, batch, lr_at(step, cfg), cfg.grad_clip))
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            losses.append(train_step(model, optimizer, accelerator, params, batch, lr, cfg.grad_clip))
             step += 1
             return n_tokens
 

@@ -31,7 +31,18 @@ _EXPORTS = {
     "build_echo_graph": "graphs",
     "Trajectory": "training.trajectory",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AgentConfig",
+    "AudioRef",
+    "AudioStore",
+    "EchoAgent",
+    "EchoContext",
+    "Result",
+    "SamplingParams",
+    "Trajectory",
+    "build_echo_graph",
+    "load_backend",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help="benchmark file; audio paths are relative to it")
     ev.add_argument(
         "--mode",
+        "--audio-mode",
+        dest="mode",
         choices=AUDIO_MODES,
         default="interleaved",
         help="interleaved: re-listened audio is inserted; grounded: <seg> tags without audio; text: no tags",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
     col.add_argument("--samples", type=int, required=True, help="trajectories per item (K)")
     col.add_argument("--out", required=True, help="trajectories file (JSON lines); a rerun resumes it")
-    col.add_argument("--mode", choices=AUDIO_MODES, default="interleaved")
+    col.add_argument("--mode", "--audio-mode", dest="mode", choices=AUDIO_MODES, default="interleaved")
     col.add_argument("--reward", choices=["paper", "deepeyes"], default="paper",
                      help="reward weights of the verifier (default: paper)")  # fmt: skip
     col.add_argument("--limit", type=int, default=None, help="only the first N items")
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
     sft.add_argument(
         "--audio-mode",
+        "--mode",
+        dest="audio_mode",
         choices=AUDIO_MODES,
         default="interleaved",
         help="interleaved: listened audio inserted; grounded (the paper's cold start): <seg> tags, no audio; "
@@ -182,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--val", default=None, help="validation data, scored greedily by the real agent graph")
     grpo.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
     grpo.add_argument("--init", required=True, help="the starting model directory (an SFT run's final/)")
-    grpo.add_argument("--audio-mode", choices=["interleaved", "grounded"], default=None)
+    grpo.add_argument("--audio-mode", "--mode", dest="audio_mode", choices=AUDIO_MODES[:2], default=None,
+                      help="interleaved (default) or grounded")  # fmt: skip
     grpo.add_argument("--reward", choices=["paper", "deepeyes"], default=None, help="reward weights (default: paper)")
     grpo.add_argument("--config", default=None, help="JSON file of further GRPOConfig fields")
     for name, kind in (("steps", int), ("group-size", int), ("items-per-step", int), ("lr", float),

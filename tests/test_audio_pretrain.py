@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from echo_agent.backends.transformers import TransformersBackend
 from echo_agent.benchmarks import BenchItem
+from echo_agent.training import audio_pretrain
 from echo_agent.training.audio_pretrain import (
     IGNORE,
     PAIRS,
@@ -138,13 +140,24 @@ def test_category_weights_steer_which_clips_are_sliced(suite: Path) -> None:
     assert min(y["count"].tolist()) >= 1  # a count window always holds a beep; other spans often hold none
 
 
-def test_continuing_from_a_previous_run_starts_from_its_weights(suite: Path, tmp_path: Path) -> None:
+def test_continuing_from_a_previous_run_starts_from_its_weights(
+    suite: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = AudioPretrainConfig(train=suite, val=suite, out=tmp_path / "a", steps=4, batch_size=6, lr=3e-3,
                                 warmup=1, log_every=4, eval_every=4, eval_slices=50, **TINY)  # fmt: skip
     pretrain(first)
-    # lr 0: the continued run must save exactly the weights it loaded (a fresh init would differ).
-    cont = first.model_copy(update={"out": tmp_path / "b", "init": tmp_path / "a", "lr": 0.0, "steps": 2,
-                                    "log_every": 2, "eval_every": 2, "category_weights": {"count": 3.0}})  # fmt: skip
+    cont = AudioPretrainConfig.model_validate({**first.model_dump(), "out": tmp_path / "b", "init": tmp_path / "a",
+                                               "steps": 2, "log_every": 2, "eval_every": 2,
+                                               "category_weights": {"count": 3.0}})  # fmt: skip
+    # A config refuses lr 0 (lr > 0), so the run's schedule is held at 0 instead: the continued run must save
+    # exactly the weights it loaded (a fresh init would differ).
+    with pytest.raises(ValidationError, match="lr"):
+        AudioPretrainConfig.model_validate({**cont.model_dump(), "lr": 0.0})
+
+    def no_lr(*_: object) -> float:
+        return 0.0
+
+    monkeypatch.setattr(audio_pretrain, "lr_at", no_lr)
     pretrain(cont)
     a = TransformersBackend.from_pretrained(tmp_path / "a" / "model").model.audio_encoder.state_dict()
     b = TransformersBackend.from_pretrained(tmp_path / "b" / "model").model.audio_encoder.state_dict()

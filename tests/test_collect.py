@@ -26,17 +26,17 @@ from echo_agent.audio import AudioStore
 from echo_agent.backends.base import AudioResolver
 from echo_agent.backends.batching import BatchingBackend
 from echo_agent.backends.transformers import TransformersBackend
+from echo_agent.benchmarks import BenchItem, load_benchmark
 from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.errors import ConfigError, EchoError
 from echo_agent.graphs.echo import response_text
+from echo_agent.graphs.runner import sample_seed
 from echo_agent.messages import audio_part, text_part
 from echo_agent.prompts import format_question
 from echo_agent.tiny_models import build_tiny_qwen2_audio
-from echo_agent.graphs.runner import sample_seed
 from echo_agent.training.collect import collect, export_parquet, read_parquet, read_trajectories
-from echo_agent.training.trajectory import Trajectory, model_inputs, sequence_logprobs
-from echo_agent.benchmarks import BenchItem, load_benchmark
 from echo_agent.training.synth import write_suite
+from echo_agent.training.trajectory import Trajectory, model_inputs, sequence_logprobs
 from echo_agent.verifier import verify
 
 TRACE = Trace(

@@ -24,12 +24,12 @@ from doubles import ScriptedBackend
 
 from echo_agent.agent import EchoAgent, load_backend
 from echo_agent.backends.base import Generation, GenerationRequest, ModelBackend
+from echo_agent.benchmarks import BenchItem, DataError, load_benchmark
 from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.errors import ConfigError, EchoError
+from echo_agent.evaluation import EvalReport, evaluate, partial_path, predictions_path, read_partial
 from echo_agent.messages import message_text
 from echo_agent.training import synth as S
-from echo_agent.benchmarks import BenchItem, DataError, load_benchmark
-from echo_agent.evaluation import EvalReport, evaluate, partial_path, predictions_path, read_partial
 
 MMAU = Path(__file__).resolve().parent / "data" / "mmau" / "mmau-test-mini.json"
 _SCRIPT = Path(sys.executable).with_name("echo-agent")

@@ -179,3 +179,30 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
         out = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True,
                              env=serve_env(tmp_path), timeout=SLOW, check=False)  # fmt: skip
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_with_no_model_serve_lists_and_answers_as_echo_tiny(tmp_path: Path) -> None:
+    """The default model is echo-tiny, the shipped one: `serve` with no --model says so and answers to that name."""
+    from served import ServeProcess
+
+    proc = ServeProcess(["--max-new-tokens", "16"], serve_env(tmp_path / "home"))
+    try:
+        assert "models: echo-tiny," in "".join(proc.lines)
+        models = httpx.get(f"{proc.url}/v1/models", timeout=SLOW).json()
+        assert [m["id"] for m in models["data"]] == ["echo-tiny", "echo-agent"]
+        body = {"model": "echo-tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4}
+        reply = httpx.post(f"{proc.url}/v1/chat/completions", json=body, timeout=SLOW)
+        assert reply.status_code == 200 and reply.json()["model"] == "echo-tiny"
+    finally:
+        proc.stop()
+
+
+def test_every_model_flag_names_the_real_default() -> None:
+    from echo_agent.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, cmd in sub.choices.items():  # type: ignore[union-attr]
+        for action in cmd._actions:
+            if action.dest == "model":
+                assert action.help and "default: echo-tiny" in action.help, name
