@@ -31,6 +31,7 @@ from .verifier import Verdict
 
 if TYPE_CHECKING:  # imported lazily at run time: the OpenAI client is only needed for remote models
     from .backends.openai import OpenAIOptions
+    from .backends.placement import DTypeName
 
 AudioInput = str | os.PathLike[str] | AudioRef
 DEFAULT_MODEL = "echo-tiny"
@@ -67,13 +68,18 @@ class Result(BaseModel):
 
 def load_backend(
     model: str | None = None, *, base_url: str | None = None, api_key_env: str | None = None,
-    openai_options: OpenAIOptions | None = None,
+    openai_options: OpenAIOptions | None = None, device: str = "auto", dtype: DTypeName = "auto",
+    attn_implementation: str | None = None,
 ) -> ModelBackend:  # fmt: skip
     """A backend by name (default `echo-tiny`, the shipped model): `echo-tiny`, a tiny random built-in model
     (`tiny-random-qwen2-audio`, `tiny-random-qwen2.5-omni`, for tests), a local transformers model directory, or a model
     behind an OpenAI-compatible server, written `openai:MODEL@http://HOST:PORT/v1` (or `openai:MODEL`
     with `base_url`). The server's API key comes from the variable `api_key_env` names, else
-    $ECHO_API_KEY, else $OPENAI_API_KEY."""
+    $ECHO_API_KEY, else $OPENAI_API_KEY.
+
+    A local model goes on `device` ("auto": the GPU when there is one, spread over all of them when there are
+    several; "cpu"; "cuda"; "cuda:N") in `dtype` ("auto": bfloat16 on a GPU that supports it, else float16 there,
+    float32 on the CPU); asking for CUDA where there is none is a `ConfigError`."""
     name = model or DEFAULT_MODEL
     if name.startswith(OPENAI_PREFIX) or base_url is not None:
         from .backends.openai import OpenAIBackend, api_key_from_env, parse_spec
@@ -84,17 +90,20 @@ def load_backend(
     if name not in TINY_MODELS and not path.exists():  # fail before the slow transformers import
         raise ConfigError(f"unknown model {name!r}: not a directory, and not one of {', '.join(TINY_MODELS)}")
 
+    from .backends.placement import placement
     from .backends.transformers import TransformersBackend
 
-    if name == "tiny-random-qwen2-audio":
-        from .tiny_models import build_tiny_qwen2_audio
+    where, torch_dtype, device_map = placement(device, dtype)
+    if name in TINY_MODELS:
+        from .tiny_models import build_tiny_qwen2_5_omni_thinker, build_tiny_qwen2_audio
 
-        return TransformersBackend(*build_tiny_qwen2_audio(seed=0), name=name)
-    if name == "tiny-random-qwen2.5-omni":
-        from .tiny_models import build_tiny_qwen2_5_omni_thinker
-
-        return TransformersBackend(*build_tiny_qwen2_5_omni_thinker(seed=0), name=name)
-    return TransformersBackend.from_pretrained(path, name=name if name == "echo-tiny" else None)
+        build = build_tiny_qwen2_audio if name == "tiny-random-qwen2-audio" else build_tiny_qwen2_5_omni_thinker
+        tiny, processor = build(seed=0)
+        return TransformersBackend(tiny.to(device=where, dtype=torch_dtype), processor, name=name)
+    return TransformersBackend.from_pretrained(
+        path, name=name if name == "echo-tiny" else None, device=where, dtype=torch_dtype,
+        attn_implementation=attn_implementation, device_map=device_map,
+    )  # fmt: skip
 
 
 class EchoAgent:

@@ -174,3 +174,44 @@ def load_model(init: str, sizes: EchoTinySizes, items: Sequence[BenchItem], seed
 
     backend = TransformersBackend.from_pretrained(init)
     return backend.model, backend.processor
+
+
+# ---- several processes (`accelerate launch`) --------------------------------------------------------------
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A short content hash of a tensor (which data a rank trained on)."""
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def weights_digest(model: Any) -> str:
+    """A hash of every weight in name order: equal on every rank of a correct data-parallel run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RankLog:
+    """OUT/ranks/rank{N}.jsonl under several processes: what each rank trained on, each step, and a hash of its
+    final weights, so a multi-process run can be checked (different data per rank, identical weights)."""
+
+    def __init__(self, run: RunFolder, accelerator: Any) -> None:
+        self._f: IO[str] | None = None
+        if accelerator.num_processes > 1:
+            (run.out / "ranks").mkdir(exist_ok=True)
+            self._f = (run.out / "ranks" / f"rank{accelerator.process_index}.jsonl").open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()

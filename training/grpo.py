@@ -37,7 +37,16 @@ from ..benchmarks import BenchItem
 from ..config import AgentConfig, RewardName, SamplingParams, reward_weights
 from ..errors import ConfigError
 from ..graphs.runner import batched, jobs, run_all
-from .common import RunFolder, TrainableSettings, load_items, prepare_training, save_model, validation_accuracy
+from .common import (
+    RankLog,
+    RunFolder,
+    TrainableSettings,
+    load_items,
+    prepare_training,
+    save_model,
+    validation_accuracy,
+    weights_digest,
+)
 from .trajectory import Trajectory, model_inputs, sequence_logprobs, to_trajectory
 
 
@@ -164,6 +173,15 @@ def policy_update(
 
 # ---- the loop ----------------------------------------------------------------------------------
 
+TERMS = ("format", "accuracy", "segment", "consistency")
+
+
+def _max_min(accelerator: Any, most: int, least: int) -> tuple[int, int]:
+    """(max over ranks of `most`, min over ranks of `least`), in one all-reduce."""
+    t = torch.tensor([most, -least], device=accelerator.device)
+    out = accelerator.reduce(t, "max")
+    return int(out[0]), -int(out[1])
+
 
 def train(cfg: GRPOConfig) -> Path:
     """Train; returns the directory of the final model (OUT/final)."""
@@ -190,7 +208,15 @@ def train(cfg: GRPOConfig) -> Path:
     step = resume["step"] if resume else 0
     run.write_config(cfg)
     log = run.log()
+    ranks = RankLog(run, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.items_per_step < world:
+        raise ConfigError(f"items_per_step ({cfg.items_per_step}) must be at least the process count ({world})")
+
+    def total(*values: float) -> list[float]:
+        """Sums over all ranks (a collective: every rank calls it at the same point)."""
+        t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+        return [float(v) for v in (accelerator.reduce(t, "sum") if world > 1 else t)]
 
     while step < cfg.steps:
         t0 = time.perf_counter()
@@ -203,43 +229,61 @@ def train(cfg: GRPOConfig) -> Path:
         trajs = [t for g in ran for t in g]
         learn = [(t, a) for g, adv in zip(ran, group_advantages(ran), strict=True) for t, a in zip(g, adv, strict=True)
                  if a != 0.0]  # fmt: skip
+        ranks.write({"step": step + 1, "items": [it.id for it in chosen]})
+        rng.shuffle(learn)
+        size = math.ceil(len(learn) / cfg.updates_per_step) if learn else 1
+        chunks = [learn[k : k + size] for k in range(0, len(learn), size)]
+        # Every rank takes the same number of optimizer steps (DDP all-reduces each backward): the most any rank
+        # has, a rank with fewer padding with a zero-weight pass over one of its own rollouts. A step where some
+        # rank has no rollout at all (every one errored) is skipped by all.
+        updates, fewest = (len(chunks), len(trajs)) if world == 1 else _max_min(accelerator, len(chunks), len(trajs))
         model.train()
         stats: dict[str, list[float]] = {"loss": [], "kl": [], "clipped": [], "entropy": []}
-        if learn:
-            rng.shuffle(learn)
-            size = math.ceil(len(learn) / cfg.updates_per_step)
-            for start in range(0, len(learn), size):
-                chunk = learn[start : start + size]
-                batch = model_inputs([t for t, _ in chunk], backend.encoder, agent.store, accelerator.device)
-                batch["advantages"] = torch.tensor([a for _, a in chunk], device=accelerator.device)
-                for k, v in policy_update(model, reference, optimizer, accelerator, params, batch, cfg).items():
-                    stats[k].append(v)
+        for u in range(updates if fewest > 0 else 0):
+            chunk = chunks[u] if u < len(chunks) else [(trajs[0], 0.0)]
+            batch = model_inputs([t for t, _ in chunk], backend.encoder, agent.store, accelerator.device)
+            batch["advantages"] = torch.tensor([a for _, a in chunk], device=accelerator.device)
+            if u >= len(chunks):
+                batch["loss_mask"].zero_()  # padding: contributes nothing, KL included
+            for k, v in policy_update(model, reference, optimizer, accelerator, params, batch, cfg).items():
+                stats[k].append(v)
         step += 1
         terms = [t.reward_terms for t in trajs if t.reward_terms is not None]
+        sums = total(
+            len(trajs), sum(t.reward for t in trajs), sum(bool(t.correct) for t in trajs),
+            sum(t.valid_listens for t in trajs), len(learn), sum(len(g) for g in groups) - len(trajs),
+            *(sum(getattr(t, name) for t in terms) for name in TERMS),
+        )  # fmt: skip
+        n = max(sums[0], 1.0)
         record: dict[str, Any] = {
             "step": step,
-            "reward": statistics.fmean(t.reward for t in trajs) if trajs else 0.0,
-            "accuracy": statistics.fmean(float(bool(t.correct)) for t in trajs) if trajs else 0.0,
-            "listens_per_answer": statistics.fmean(t.valid_listens for t in trajs) if trajs else 0.0,
-            **{
-                f"reward_{name}": statistics.fmean(getattr(t, name) for t in terms) if terms else 0.0
-                for name in ("format", "accuracy", "segment", "consistency")
-            },
-            **{k: statistics.fmean(v) for k, v in stats.items() if v},
-            "learning_rollouts": len(learn),
-            "rollout_errors": sum(len(g) for g in groups) - len(trajs),
+            "reward": sums[1] / n,
+            "accuracy": sums[2] / n,
+            "listens_per_answer": sums[3] / n,
+            **{f"reward_{name}": sums[6 + k] / n for k, name in enumerate(TERMS)},
+            **{k: statistics.fmean(v) for k, v in stats.items() if v},  # rank 0's updates
+            "learning_rollouts": int(sums[4]),
+            "rollout_errors": int(sums[5]),
             "rollout_s": round(rollout_s, 2),
             "step_s": round(time.perf_counter() - t0, 2),
         }
-        if val_items and (step % cfg.eval_every == 0 or step == cfg.steps) and accelerator.is_main_process:
-            model.eval()
-            record["val_accuracy"] = validation_accuracy(backend, val_items, cfg.audio_mode)
+        # Validation and checkpoints run on rank 0 while the others wait at a barrier.
+        if val_items and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if accelerator.is_main_process:
+                model.eval()
+                record["val_accuracy"] = validation_accuracy(backend, val_items, cfg.audio_mode)
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process and (step % cfg.log_every == 0 or "val_accuracy" in record):
             log.write(record)
-        if accelerator.is_main_process and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_model(accelerator.unwrap_model(model), processor, run.checkpoint,
-                       {"optimizer": optimizer.state_dict(), "step": step})  # fmt: skip
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), processor, run.checkpoint,
+                           {"optimizer": optimizer.state_dict(), "step": step})  # fmt: skip
+            accelerator.wait_for_everyone()
+    ranks.write({"final_weights": weights_digest(accelerator.unwrap_model(model))})  # before a LoRA merge
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), processor, run.final, merge_lora=cfg.lora)
+    accelerator.wait_for_everyone()
     log.close()
+    ranks.close()
     return run.final

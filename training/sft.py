@@ -40,14 +40,17 @@ from ..messages import Message
 from ..protocols import SEG_CLOSE, SegTagProtocol
 from ..tools.listen import ListenTool
 from .common import (
+    RankLog,
     RunFolder,
     TrainableSettings,
+    digest,
     load_items,
     load_model,
     lr_at,
     prepare_training,
     save_model,
     validation_accuracy,
+    weights_digest,
 )
 
 _LISTEN_PHRASE = re.compile(r"\s*I listen to [^:<]*:\s*<seg>[^<]*</seg>")
@@ -226,7 +229,7 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         items, encoder, cfg.audio_mode, cfg.batch_size, cfg.seed + step, pad_id,
         accelerator.process_index, accelerator.num_processes,
     )  # fmt: skip
-    log = run.log()
+    log, ranks = run.log(), RankLog(run, accelerator)
     tokens, t0, losses = 0, time.perf_counter(), []
 
     def lr(at: int) -> float:
@@ -236,24 +239,34 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         batch, n_tokens = next(data)
         losses.append(train_step(model, optimizer, accelerator, params, batch, lr(step), cfg.grad_clip))
         step += 1
+        ranks.write({"step": step, "batch": digest(batch["input_ids"])})
         tokens += n_tokens
         record: dict[str, Any] = {}
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
             record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr(step), "tokens_per_s": tokens / elapsed}
             tokens, t0, losses = 0, time.perf_counter(), []
-        if val_items and (step % cfg.eval_every == 0 or step == cfg.steps) and accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model).eval()
-            accuracy = validation_accuracy(TransformersBackend(unwrapped, processor), val_items, cfg.audio_mode)
-            model.train()
-            record = {"step": step, **record, "val_accuracy": accuracy, "val_n": float(len(val_items))}
+        # Validation and checkpoints run on rank 0 while the others wait at a barrier, so every rank takes the
+        # same collective steps (the same optimizer steps, then the same barriers).
+        if val_items and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if accelerator.is_main_process:
+                unwrapped = accelerator.unwrap_model(model).eval()
+                accuracy = validation_accuracy(TransformersBackend(unwrapped, processor), val_items, cfg.audio_mode)
+                model.train()
+                record = {"step": step, **record, "val_accuracy": accuracy, "val_n": float(len(val_items))}
+            accelerator.wait_for_everyone()
         if record and accelerator.is_main_process:
             log.write(record)
-        if (step % cfg.save_every == 0 or step == cfg.steps) and accelerator.is_main_process:
-            state = {"optimizer": optimizer.state_dict(), "step": step, "python_rng": random.getstate(),
-                     "torch_rng": torch.get_rng_state()}  # fmt: skip
-            save_model(accelerator.unwrap_model(model), processor, run.checkpoint, state)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            if accelerator.is_main_process:
+                state = {"optimizer": optimizer.state_dict(), "step": step, "python_rng": random.getstate(),
+                         "torch_rng": torch.get_rng_state()}  # fmt: skip
+                save_model(accelerator.unwrap_model(model), processor, run.checkpoint, state)
+            accelerator.wait_for_everyone()
+    ranks.write({"final_weights": weights_digest(accelerator.unwrap_model(model))})  # before a LoRA merge
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), processor, run.final, merge_lora=cfg.lora)
+    accelerator.wait_for_everyone()
     log.close()
+    ranks.close()
     return run.final

@@ -266,7 +266,8 @@ def sequence_logprobs(
     kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "input_features",
                                                        "feature_attention_mask")}  # fmt: skip
     if "input_features" in kwargs:
-        kwargs["input_features"] = kwargs["input_features"].to(model.dtype)
+        # A DDP-wrapped model has no `dtype`; its parameters do.
+        kwargs["input_features"] = kwargs["input_features"].to(next(model.parameters()).dtype)
     logits = model(**kwargs).logits[:, :-1].float()
     if temperature > 0:
         logits = logits / temperature

@@ -76,7 +76,7 @@ class EchoTinyAudioEncoder(nn.Module):
         index = torch.arange(x.shape[1], device=x.device)
         pad = index.unsqueeze(0) >= frames.unsqueeze(1)
         times = (index.unsqueeze(0) + 0.5) * torch.tensor(steps, device=x.device, dtype=x.dtype).unsqueeze(1)
-        h = x + self.time_scale * time_embedding(times, x.shape[-1])
+        h = x + self.time_scale * time_embedding(times, x.shape[-1]).to(x.dtype)  # bf16/fp16 models too
         h = self.layers(h, src_key_padding_mask=pad)
         q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
         pooled, _ = self.pool(q, h, h, key_padding_mask=pad, need_weights=False)
