@@ -20,10 +20,7 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import write_beeps  # the tests' shared fixtures, not copies of them
+from served import ServeProcess, serve_env
 
 from echo_agent.agent import EchoAgent, load_backend
 from echo_agent.audio import AudioStore
@@ -41,33 +40,6 @@ from echo_agent.config import AgentConfig, SamplingParams
 
 MODEL = "tiny-random-qwen2-audio"
 QUESTIONS = ["How many beeps are there?", "Which is heard first, the beep or the chirp?"]
-
-
-def write_wav(path: Path, seconds: float = 6.0) -> Path:
-    sr = 16000
-    t = np.arange(int(sr * seconds)) / sr
-    x = 0.01 * np.random.default_rng(0).standard_normal(len(t))
-    for onset in (1.0, 2.3, 2.7, 4.5):
-        m = (t >= onset) & (t < onset + 0.2)
-        x[m] += 0.5 * np.sin(2 * np.pi * 880 * t[m])
-    sf.write(path, x.astype(np.float32), sr)
-    return path
-
-
-def start_server(home: Path, max_new_tokens: int) -> tuple[subprocess.Popen[str], str]:
-    exe = Path(sys.executable).with_name("echo-agent")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "echo_agent.cli"]
-    env = {**os.environ, "ECHO_AGENT_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--port", "0", "--model", MODEL, "--max-new-tokens", str(max_new_tokens)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        m = re.search(r"listening on (http://\S+) ", line)
-        if m:
-            return proc, m.group(1)
-    raise RuntimeError("echo-agent serve did not start")
 
 
 async def run_round(
@@ -92,12 +64,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="echo-bench-serve-"))
-    wav = write_wav(tmp / "clip.wav")
+    wav = write_beeps(tmp / "clip.wav", 6.0, [(onset, 0.2) for onset in (1.0, 2.3, 2.7, 4.5)])
     clip = base64.b64encode(wav.read_bytes()).decode()
     cfg = AgentConfig(sampling=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens))
     agent = EchoAgent(load_backend(MODEL), AudioStore(), cfg)
     ref = agent.load(wav)
-    proc, url = start_server(tmp / "home", args.max_new_tokens)
+    server = ServeProcess(["--model", MODEL, "--max-new-tokens", str(args.max_new_tokens)], serve_env(tmp / "home"))
+    url = server.url
     try:
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as http:
 
@@ -131,8 +104,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"clients": clients, "in_process_qps": q_local, "http_qps": q_http,
                              "ratio_http_over_in_process": q_http / q_local})  # fmt: skip
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
     return {"model": MODEL, "max_new_tokens": args.max_new_tokens, "questions_per_round": args.questions,
             "reps": args.reps, "rows": rows}  # fmt: skip
 

@@ -411,3 +411,33 @@ def test_sizes_defaults_and_bounds() -> None:
     assert Run(steps=5, layers=2).model_dump()["layers"] == 2
     with pytest.raises(ValidationError):
         Run(heads=5, hidden_size=100)
+
+
+def test_inference_caches_audio_encodings_and_a_weight_update_invalidates_them() -> None:
+    """At inference each input is encoded once (the encoder dominated batched decoding); the cache never serves a
+    stale encoding after the encoder's weights change, and training never uses it."""
+    model, _ = new_echo_tiny(EchoTinySizes(**SMALL), FACTORY_CORPUS, seed=7)
+    model.eval()
+    torch.manual_seed(0)
+    feats = torch.randn(3, model.config.n_mels, 420)
+    mask = torch.ones(3, 420, dtype=torch.long)
+    mask[1, 300:] = 0  # a shorter row, padded
+    calls: list[int] = []
+    encode = model.audio_embeddings
+
+    def counting(f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        calls.append(int(f.shape[0]))
+        return encode(f, m)
+
+    model.audio_embeddings = counting  # type: ignore[method-assign]
+    with torch.no_grad():
+        first = model._inference_audio(feats, mask)
+        again = model._inference_audio(feats[[2, 0]], mask[[2, 0]])  # same inputs, another batch
+    assert calls == [3], "the second call is served from the cache"
+    torch.testing.assert_close(again, first[[2, 0]])
+    torch.testing.assert_close(first, encode(feats, mask), atol=1e-5, rtol=0)  # what the encoder gives
+    with torch.no_grad():
+        model.audio_encoder.proj.bias.add_(1.0)  # an in-place update, as an optimizer step makes
+        after = model._inference_audio(feats, mask)
+    assert calls == [3, 3] and not torch.allclose(after, first)
+    torch.testing.assert_close(after, encode(feats, mask), atol=1e-5, rtol=0)

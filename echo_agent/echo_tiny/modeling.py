@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration import EchoTinyConfig
 
 FRAME_RATE = 25.0  # encoder frames per second after the two stride-2 convolutions (10 ms mel hop)
+_AUDIO_CACHE_SIZE = 512  # encoded inputs kept at inference (~25 KB each at the shipped size)
 
 
 def time_embedding(seconds: torch.Tensor, dim: int) -> torch.Tensor:
@@ -120,6 +123,33 @@ class EchoTinyForConditionalGeneration(EchoTinyPreTrainedModel, GenerationMixin)
         out: torch.Tensor = self.audio_encoder(input_features, feature_attention_mask)
         return out
 
+    def _inference_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`audio_embeddings` with a cache keyed by each input's features: at inference a clip is encoded once,
+        not again at every model call of every rollout that hears it (the encoder dominated batched decoding).
+        The key includes the encoder weights' version counters, so a training step invalidates it; training
+        (grad enabled) never uses it. A row's embedding does not depend on its batch (the encoder sees each row
+        at its own length), so cached and fresh rows agree up to floating-point effects of batch shape."""
+        versions = sum(p._version for p in self.audio_encoder.parameters())
+        cache: OrderedDict[bytes, torch.Tensor] = self.__dict__.setdefault("_audio_cache", OrderedDict())
+        lengths = [int(n) for n in mask.sum(-1).tolist()]
+        keys = []
+        for i, n in enumerate(lengths):
+            h = hashlib.blake2b(features[i, :, :n].detach().float().cpu().numpy().tobytes(), digest_size=16)
+            h.update(f"{versions}:{features.dtype}:{features.device}".encode())
+            keys.append(h.digest())
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            width = max(lengths[i] for i in missing)
+            fresh = self.audio_embeddings(features[missing, :, :width], mask[missing, :width])
+            for j, i in enumerate(missing):
+                cache[keys[i]] = fresh[j]
+        out = torch.stack([cache[k] for k in keys])
+        for k in keys:
+            cache.move_to_end(k)
+        while len(cache) > _AUDIO_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -141,7 +171,8 @@ class EchoTinyForConditionalGeneration(EchoTinyPreTrainedModel, GenerationMixin)
             # Audio is merged only when its placeholders are in this chunk (prefill), not at decode steps.
             if input_features is not None and bool(audio_positions.any()):
                 assert feature_attention_mask is not None
-                audio = self.audio_embeddings(input_features, feature_attention_mask).to(inputs_embeds.dtype)
+                encode = self.audio_embeddings if torch.is_grad_enabled() or self.training else self._inference_audio
+                audio = encode(input_features, feature_attention_mask).to(inputs_embeds.dtype)
                 n_slots = int(audio_positions.sum())
                 if n_slots != audio.shape[0] * audio.shape[1]:
                     raise ValueError(
