@@ -97,8 +97,12 @@ def load_backend(
     if name in TINY_MODELS:
         from .tiny_models import build_tiny_qwen2_5_omni_thinker, build_tiny_qwen2_audio
 
-        build = build_tiny_qwen2_audio if name == "tiny-random-qwen2-audio" else build_tiny_qwen2_5_omni_thinker
-        tiny, processor = build(seed=0)
+        tiny: Any
+        processor: Any
+        if name == "tiny-random-qwen2-audio":
+            tiny, processor = build_tiny_qwen2_audio(seed=0)
+        else:
+            tiny, processor = build_tiny_qwen2_5_omni_thinker(seed=0)
         return TransformersBackend(tiny.to(device=where, dtype=torch_dtype), processor, name=name)
     return TransformersBackend.from_pretrained(
         path, name=name if name == "echo-tiny" else None, device=where, dtype=torch_dtype,

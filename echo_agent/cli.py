@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .chat import next_clip_name, split_choices
-from .config import AUDIO_MODES, AgentConfig, SamplingParams, reward_weights
+from .config import AUDIO_MODES, SEED_MAX, AgentConfig, SamplingParams, reward_weights
 from .errors import ConfigError, EchoError
 
 EXIT_USAGE = 2
@@ -41,6 +42,20 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
     except ValidationError as err:
         problems = "; ".join(f"--{str(e['loc'][-1]).replace('_', '-')}: {e['msg']}" for e in err.errors())
         raise ConfigError(problems) from None
+
+
+def _add_audio_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, metavar="SECONDS",
+                   help="longer clips are refused (default: 600, as `serve`; longer clips cost more memory)")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    """The audio store of `ask` and `chat`, bounded like `serve`'s so peak memory stays bounded too."""
+    from .audio import AudioLimits, AudioStore
+
+    if not args.max_audio_seconds > 0:
+        raise ConfigError(f"--max-audio-seconds must be > 0, got {args.max_audio_seconds}")
+    return AudioStore(AudioLimits(max_duration=args.max_audio_seconds))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +89,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per generate call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where a local model runs: auto (a GPU when there is one, all of them for a model that "
+                   "needs several), cpu, cuda, cuda:N (default: auto)")  # fmt: skip
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="a local model's dtype; auto: bfloat16 on a GPU that supports it, float32 on the CPU")
+    p.add_argument("--attn-implementation", default=None, metavar="IMPL",
+                   help="transformers attention for a local model: eager, sdpa, flash_attention_2 (default: its own)")
 
 
 def _backend(args: argparse.Namespace) -> Any:
@@ -86,11 +108,23 @@ def _backend(args: argparse.Namespace) -> Any:
         if args.request_timeout <= 0:
             raise ConfigError(f"--request-timeout must be > 0, got {args.request_timeout}")
         options = OpenAIOptions(audio_format=args.audio_format, timeout=args.request_timeout)
-    return load_backend(args.model, base_url=args.base_url, api_key_env=args.api_key_env, openai_options=options)
+    return load_backend(
+        args.model, base_url=args.base_url, api_key_env=args.api_key_env, openai_options=options,
+        device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    )  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error shape: one `error: ...` line and exit 2, without the usage block (which
+    buried the message); the line says where the usage is. Subparsers are made with the same class."""
+
+    def error(self, message: str) -> Any:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echo-agent", description="Audio-interleaved reasoning: ask about a clip.")
+    parser = _Parser(prog="echo-agent", description="Audio-interleaved reasoning: ask about a clip.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer one question about a clip, streaming the reasoning")
@@ -98,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--choice", action="append", default=[], help="a multiple-choice option (repeat)")
     ask.add_argument("--json", action="store_true", help="print only the result object as JSON")
+    _add_audio_limit(ask)
     _add_model_args(ask)
 
     chat = sub.add_parser("chat", help="interactive session about one or more clips, persisted in SQLite")
     chat.add_argument("audio", nargs="?", help="audio file (optional when resuming a thread)")
     chat.add_argument("--thread", default=None, help="thread id to resume (default: a new thread)")
     chat.add_argument("--db", default=None, help="SQLite file (default: $ECHO_AGENT_HOME/chat.sqlite)")
+    _add_audio_limit(chat)
     _add_model_args(chat)
 
     ev = sub.add_parser("eval", help="accuracy report on an MMAU (.json) or MMAR (.jsonl) benchmark file")
@@ -150,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", choices=CATEGORIES,
                        help="item i gets categories[i %% len]; repeat one to weight it (default: all six)")  # fmt: skip
+
+    verl = data_sub.add_parser("verl", help="a benchmark file as verl's parquet rows (GRPO on verl, docs/verl.md)")
+    verl.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
+    verl.add_argument("--out", required=True, help="the parquet file to write")
 
     train = sub.add_parser("train", help="train the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
@@ -201,17 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default: %(default)s)")
     serve.add_argument(
-        "--db", default=None, help="SQLite chat threads, shared with `chat` (default: $ECHO_AGENT_HOME/chat.sqlite)"
-    )
-    serve.add_argument("--data-dir", default=None, help="uploaded clips (default: $ECHO_AGENT_HOME/serve)")
+        "--db", default=None,
+        help="SQLite threads (default: DATA_DIR/threads.sqlite, not shared with `chat`; pass chat's file to share)",
+    )  # fmt: skip
+    serve.add_argument("--data-dir", default=None, help="uploads and threads (default: $ECHO_AGENT_HOME/serve)")
     serve.add_argument(
         "--allow-file-dir", action="append", default=[], metavar="DIR",
         help="allow file:// audio URLs below DIR (repeat); none by default",
     )  # fmt: skip
     serve.add_argument("--auth-token-env", default=None, metavar="VAR",
                        help="require `Authorization: Bearer $VAR` (default: no auth)")  # fmt: skip
-    serve.add_argument("--max-request-mb", type=float, default=32.0, help="larger request bodies get 413")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="also answer to this Host name (repeat; '*': any); localhost, IPs always")  # fmt: skip
+    serve.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let pages from this origin (scheme://host:port) call the API (repeat)")  # fmt: skip
+    serve.add_argument("--max-request-mb", type=float, default=None,
+                       help="larger request bodies get 413 (default: fits --max-audio-seconds of 48 kHz stereo "
+                            "16-bit WAV, base64)")  # fmt: skip
     serve.add_argument("--max-audio-seconds", type=float, default=600.0, help="longer clips get 400")
+    serve.add_argument("--max-audio-parts", type=int, default=8, help="audio parts per request (default: 8)")
+    serve.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096,
+                       help="text tokens of each model call's prompt, audio aside (default: 4096)")  # fmt: skip
+    serve.add_argument("--max-request-seconds", type=float, default=300.0,
+                       help="wall clock per request; the model call is cancelled past it (default: 300)")  # fmt: skip
+    serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="for a request's headers and each chunk of its body (default: 30)")  # fmt: skip
+    serve.add_argument("--max-concurrent-uploads", type=int, default=2,
+                       help="request bodies over 1 MiB read at once; more get 429 (default: 2)")  # fmt: skip
+    serve.add_argument("--max-connections", type=int, default=512, help="past this, requests get 503")
+    serve.add_argument("--max-storage-mb", type=float, default=4096.0,
+                       help="uploads plus the thread database; past it, new uploads and questions get 507 "
+                            "(0: no quota; default: 4096)")  # fmt: skip
+    serve.add_argument("--max-batch", type=int, default=16,
+                       help="a local model's continuous batch; 1 runs one call at a time (default: 16)")  # fmt: skip
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_args(serve)
     return parser
@@ -251,16 +314,26 @@ def _summary(console: Console, result: dict[str, Any]) -> None:
         console.print(f"[bold]Choice:[/] {escape(result['choice'])}")
 
 
-async def _ask(args: argparse.Namespace) -> int:
-    from .audio import AudioStore
+def _quiet_model_loading() -> None:
+    """No progress bars while the model loads (transformers' "Loading weights"): `ask --json` is read by programs,
+    and its stderr should hold only errors."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+async def _ask(args: argparse.Namespace) -> int:
     # Validate the arguments and the audio before loading anything heavy (the model).
     config = _agent_config(args)
-    store = AudioStore()
+    store = _store(args)
     ref = store.load(args.audio)
 
     from .agent import EchoAgent
 
+    if args.json:
+        _quiet_model_loading()
     console = Console(highlight=False)
     agent = EchoAgent(_backend(args), store, config=config)
     printer = _Printer(console)
@@ -278,17 +351,16 @@ async def _ask(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace) -> int:
-    from .audio import AudioRef, AudioStore
-
     # Validate the arguments and the audio before loading anything heavy (the model).
     agent_config = _agent_config(args)
-    store = AudioStore()
+    store = _store(args)
     if args.audio:
         store.load(args.audio)
 
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     from .agent import EchoAgent
+    from .chat import save_clips
     from .messages import message_text
 
     console = Console(highlight=False)
@@ -298,7 +370,7 @@ async def _chat(args: argparse.Namespace) -> int:
     config: Any = {"configurable": {"thread_id": thread}}
     async with AsyncSqliteSaver.from_conn_string(str(db)) as saver:
         if not args.audio and await saver.aget_tuple(config) is None:  # fail before loading the model
-            raise EchoError(NO_AUDIO)
+            raise EchoError(f"no such thread: {thread} in {db}" if args.thread else NO_AUDIO)
         agent = EchoAgent(_backend(args), store, config=agent_config, checkpointer=saver)
         snapshot = await agent.graph.aget_state(config)
         state: dict[str, Any] = dict(snapshot.values) if snapshot and snapshot.values else {}
@@ -308,22 +380,26 @@ async def _chat(args: argparse.Namespace) -> int:
         for msg in state.get("conversation", []):
             who = "you" if msg["role"] == "user" else msg["role"]
             console.print(f"[dim]{who}: {escape(message_text(msg, '[audio]'))}[/]")
-        pending: dict[str, AudioRef] = {}
+        # Clips not heard yet are saved again: a thread left by a chat killed during its first question may hold
+        # them only in that question's pending input, which the next question would discard.
+        await save_clips(agent.graph, config, {c: r for c, r in clips.items() if c not in state.get("introduced", [])})
 
-        def add_clip(path: str, clip_id: str | None = None) -> None:
+        async def add_clip(path: str) -> None:
+            if "\x00" in path:
+                raise ConfigError(f"{path!r}: a file path cannot contain a NUL byte")
             ref = agent.load(path)
-            known = {**{c: r["sha256"] for c, r in clips.items()}, **{c: r.sha256 for c, r in pending.items()}}
-            for cid, sha in known.items():
-                if sha == ref.sha256:
-                    console.print(f"[dim]{path} is already loaded as '{cid}'[/]")
+            for cid, known in clips.items():
+                if known["sha256"] == ref.sha256:
+                    console.print(f"[dim]{escape(path)} is already loaded as '{cid}'[/]")
                     return
-            cid = clip_id or next_clip_name([*clips, *pending])
-            pending[cid] = ref
-            console.print(f"[dim]loaded {path} as '{cid}' ({ref.duration:.1f} s)[/]")
+            cid = next_clip_name(clips)
+            await save_clips(agent.graph, config, {cid: ref.model_dump()})  # durable before any question runs
+            clips[cid] = ref.model_dump()
+            console.print(f"[dim]loaded {escape(path)} as '{cid}' ({ref.duration:.1f} s)[/]")
 
         if args.audio:
-            add_clip(args.audio)
-        if not clips and not pending:
+            await add_clip(args.audio)
+        if not clips:
             raise EchoError(NO_AUDIO)
         console.print(
             f"[bold]thread {thread}[/] (resume with --thread {thread}). Ask a question; end it with "
@@ -342,19 +418,18 @@ async def _chat(args: argparse.Namespace) -> int:
                 break
             if line.startswith("/load "):
                 try:
-                    add_clip(line[6:].strip())
+                    await add_clip(line[6:].strip())
                 except EchoError as err:
                     console.print(f"[red]error: {escape(str(err))}[/]")
                 continue
             question, choices = split_choices(line)
             result: dict[str, Any] = {}
-            async for event in agent.astream(pending or None, question, choices or None, thread_id=thread):
+            # The clips are in the thread already; a plain <seg> tag means the clip the question is about.
+            async for event in agent.astream(None, question, choices or None, thread_id=thread):
                 if event["type"] == "result":
                     result = event["result"]
                 else:
                     printer(event)
-            clips.update({c: r.model_dump() for c, r in pending.items()})
-            pending = {}
             _summary(console, result)
     return 0
 
@@ -376,24 +451,60 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--allow-file-dir {d}: not a directory")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections must be >= 1, got {args.max_connections}")
+    if args.max_request_mb is not None and not args.max_request_mb > 0:
+        raise ConfigError(f"--max-request-mb must be > 0, got {args.max_request_mb}")
+    if not args.max_storage_mb >= 0:
+        raise ConfigError(f"--max-storage-mb must be >= 0, got {args.max_storage_mb}")
+    flags = {
+        "max_request_bytes": "--max-request-mb", "max_audio_seconds": "--max-audio-seconds",
+        "max_audio_parts": "--max-audio-parts", "max_tokens": "--max-tokens",
+        "max_prompt_tokens": "--max-prompt-tokens", "max_request_seconds": "--max-request-seconds",
+        "read_timeout": "--read-timeout", "max_concurrent_uploads": "--max-concurrent-uploads",
+        "max_storage_bytes": "--max-storage-mb", "max_batch": "--max-batch",
+    }  # fmt: skip
+    mib = 1024 * 1024
     try:
         serve_config = ServeConfig(
             model_name=(args.model or default_model).removeprefix("openai:").split("@http")[0],
             api_token=SecretStr(token) if token else None,
             allow_file_dirs=[Path(d) for d in args.allow_file_dir],
-            max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-            max_audio_seconds=args.max_audio_seconds,
+            allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
+            max_request_bytes=None if args.max_request_mb is None else int(args.max_request_mb * mib),
+            max_audio_seconds=args.max_audio_seconds, max_audio_parts=args.max_audio_parts,
+            max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+            max_request_seconds=args.max_request_seconds, read_timeout=args.read_timeout,
+            max_concurrent_uploads=args.max_concurrent_uploads,
+            max_storage_bytes=int(args.max_storage_mb * mib) or None, max_batch=args.max_batch,
             data_dir=Path(args.data_dir) if args.data_dir else _home() / "serve",
-            db=Path(args.db) if args.db else _home() / "chat.sqlite",
+            db=Path(args.db) if args.db else None,  # its own database: `chat`'s history is not served
             agent=config,
-        )
+        )  # fmt: skip
     except ValidationError as err:
-        raise ConfigError("; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in err.errors())) from None
+        problems = [f"{flags.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("; ".join(problems)) from None
 
     from .serve.run import run
 
-    run(_backend(args), serve_config, args.host, args.port, args.log_level)
+    run(_backend(args), serve_config, args.host, args.port, args.log_level, args.max_connections)
     return 0
+
+
+async def _stop_background(timeout: float = 300.0) -> None:
+    """After a batch run failed or was interrupted: cancel the runs still in flight, then wait for the batching
+    decoder thread to finish its rows and stop. A daemon thread still inside torch at interpreter exit aborts the
+    process ("terminate called without an active exception", SIGABRT) instead of letting it exit with its error."""
+    import threading
+
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    for thread in threading.enumerate():
+        if thread.name == "echo-batcher" and thread.is_alive():
+            await asyncio.to_thread(thread.join, timeout)
 
 
 async def _eval(args: argparse.Namespace) -> int:
@@ -416,7 +527,11 @@ async def _eval(args: argparse.Namespace) -> int:
 
     # Concurrent questions share the model's decode steps (a local model; a server batches itself).
     agent = EchoAgent(batched(_backend(args)) if args.concurrency > 1 else _backend(args), config=config)
-    report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
+    try:
+        report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
+    except BaseException:  # a full disk, Ctrl-C: stop the decoder before exiting
+        await _stop_background()
+        raise
 
     from rich.table import Table
 
@@ -472,14 +587,20 @@ async def _collect(args: argparse.Namespace) -> int:
     from .backends.transformers import TransformersBackend
     from .graphs.runner import batched
 
-    backend = load_backend(args.model)
+    backend = load_backend(
+        args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation
+    )
     if not isinstance(backend, TransformersBackend):
         raise ConfigError("collect needs a local transformers model")
     agent = EchoAgent(batched(backend, args.max_batch), config=config)
-    summary = await collect(
-        agent, items, samples=args.samples, out=out, seed=args.seed, limit=args.limit,
-        concurrency=args.concurrency, progress=True,
-    )  # fmt: skip
+    try:
+        summary = await collect(
+            agent, items, samples=args.samples, out=out, seed=args.seed, limit=args.limit,
+            concurrency=args.concurrency, progress=True,
+        )  # fmt: skip
+    except BaseException:  # a full disk, Ctrl-C: stop the decoder before exiting
+        await _stop_background()
+        raise
     console = Console(highlight=False, stderr=True)
     console.print(
         f"{summary.written} trajectories written ({summary.done_before} already there, {summary.errors} errors) · "
@@ -496,7 +617,14 @@ async def _collect(args: argparse.Namespace) -> int:
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def _check_seed(seed: int | None, where: str = "--seed") -> None:
+    """A data or training seed: non-negative (numpy's generators refuse negative ones) and within 64 bits."""
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{where} must be between 0 and {SEED_MAX} (64 bits), got {seed}")
+
+
 def _data_synth(args: argparse.Namespace) -> int:
+    _check_seed(args.seed)
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     if args.workers < 1:
@@ -505,6 +633,9 @@ def _data_synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-duration must be between 10 and 3600 seconds, got {args.max_duration}")
     if not _SPLIT_RE.match(args.split):
         raise ConfigError(f"--split must be letters, digits, '_' or '-', got {args.split!r}")
+    low, high = args.snr
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ConfigError(f"--snr MIN MAX: two finite numbers of dB with MIN <= MAX, got {low:g} {high:g}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
@@ -515,9 +646,23 @@ def _data_synth(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         path = synth_command(
             out, args.n, args.seed, args.split, args.workers, durations=(10.0, args.max_duration),
-            snr_range=(min(args.snr), max(args.snr)), categories=args.categories or CATEGORIES,
+            snr_range=(low, high), categories=args.categories or CATEGORIES,
         )  # fmt: skip
     print(path)
+    return 0
+
+
+def _data_verl(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .benchmarks import load_benchmark
+
+    items = load_benchmark(args.data)
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError("data verl needs pyarrow: pip install 'echo-agent[export]'")
+    from .training.verl_data import export_verl_parquet
+
+    print(f"{export_verl_parquet(items, Path(args.out))} rows: {args.out}")
     return 0
 
 
@@ -537,11 +682,20 @@ def _trainer_config(cls: type[Any], args: argparse.Namespace, required: dict[str
         cfg = cls.model_validate(fields)
     except ValidationError as err:
         raise ConfigError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    _check_seed(getattr(cfg, "seed", None), "seed")
     train = cfg.train if isinstance(cfg.train, list) else [cfg.train]
     for path in (*train, cfg.val):
         if path is not None and not path.is_file():
             raise ConfigError(f"no such data file: {path}")
     return cfg
+
+
+def _print_final(path: Path) -> None:
+    """The run's final model directory, printed once: by rank 0 under `accelerate launch`."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(path)
 
 
 def _train_audio(args: argparse.Namespace) -> int:
@@ -551,7 +705,7 @@ def _train_audio(args: argparse.Namespace) -> int:
                           ("steps", "batch_size", "lr", "seed", "val"))  # fmt: skip
     if cfg.init is not None and not ((cfg.init / "model").is_dir() and (cfg.init / "heads.pt").is_file()):
         raise ConfigError(f"init {cfg.init} is not a stage-0 run folder (model/ and heads.pt)")
-    print(pretrain(cfg))
+    _print_final(pretrain(cfg))
     return 0
 
 
@@ -563,7 +717,7 @@ def _train_grpo(args: argparse.Namespace) -> int:
     cfg = _trainer_config(GRPOConfig, args, {"train": args.train, "out": args.out, "init": args.init}, flags)
     if not (Path(cfg.init) / "config.json").is_file():
         raise ConfigError(f"--init {cfg.init} is not a model directory")
-    print(train(cfg))
+    _print_final(train(cfg))
     return 0
 
 
@@ -572,12 +726,24 @@ def _train_sft(args: argparse.Namespace) -> int:
 
     required = {"train": args.train, "out": args.out, "init": args.init, "audio_mode": args.audio_mode}
     cfg = _trainer_config(SFTConfig, args, required, ("steps", "batch_size", "lr", "eval_every", "seed", "val", "lora"))
-    print(train(cfg))
+    _print_final(train(cfg))
     return 0
+
+
+def _nul_argument(args: argparse.Namespace) -> str | None:
+    """The first argument that holds a NUL byte (no file path can; `main` may be called with any strings)."""
+    for name, value in vars(args).items():
+        if any(isinstance(v, str) and "\x00" in v for v in (value if isinstance(value, list) else [value])):
+            return name
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (bad := _nul_argument(args)) is not None:
+        shown = bad if bad in ("audio", "question", "data") else f"--{bad.replace('_', '-')}"
+        print(f"error: {shown}: contains a NUL byte", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.command == "ask":
             return asyncio.run(_ask(args))
@@ -589,6 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_collect(args))
         if args.command == "data" and args.data_command == "synth":
             return _data_synth(args)
+        if args.command == "data" and args.data_command == "verl":
+            return _data_verl(args)
         if args.command == "train" and args.train_command == "audio":
             return _train_audio(args)
         if args.command == "train" and args.train_command == "grpo":

@@ -32,6 +32,9 @@ class ListenLimits(BaseModel):
     max_slice: float = Field(default=30.0, gt=0, description="longest slice in seconds (Qwen2-Audio encoder cap)")
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are signed 64-bit: torch's generators and JSON APIs take no more
+
+
 class SamplingParams(BaseModel):
     """Sampling settings for one generate call. temperature == 0 means greedy."""
 
@@ -41,7 +44,9 @@ class SamplingParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k")
     max_new_tokens: int = Field(default=512, ge=1, description="per generate call, as in the paper (per turn)")
-    seed: int | None = None
+    seed: int | None = Field(
+        default=None, ge=SEED_MIN, le=SEED_MAX, description="a signed 64-bit integer (what torch and servers take)"
+    )
 
 
 class AgentConfig(BaseModel):

@@ -54,3 +54,8 @@ class BackendError(EchoError):
 
 class DataError(EchoError):
     """A benchmark, results or trajectories file is missing or malformed."""
+
+
+class OutputError(EchoError):
+    """An output file could not be written (a full disk, a quota, a read-only file system). What was written
+    before stays whole, so a rerun resumes."""

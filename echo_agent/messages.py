@@ -25,6 +25,8 @@ class TextPart(TypedDict):
     # Exactly the sampled token ids and their log-probs (token-in/token-out, design §6).
     token_ids: NotRequired[list[int]]
     logprobs: NotRequired[list[float]]
+    # How many tokens the model sampled for this text when the ids are unknown (an API reported the count only).
+    token_count: NotRequired[int]
 
 
 class AudioPart(TypedDict):

@@ -25,13 +25,13 @@ from typing import Literal
 
 from .backends.base import Generation
 from .messages import Message, Part, TextPart, ToolCall, text_part
-from .tools.listen import LISTEN_TOOL_SCHEMA, ListenOutcome, ListenRequest
+from .tools.listen import LISTEN_TOOL_SCHEMA, MAX_CLIP_ID, MAX_RAW, ListenOutcome, ListenRequest, bounded_number, quoted
 
 SEG_OPEN, SEG_CLOSE = "<seg>", "</seg>"
 # The paper's grammar (floats in seconds), plus an optional clip id prefix for multi-clip sessions.
 SEG_RE = re.compile(r"<seg>\s*(?:([A-Za-z_][\w.-]*)\s*:\s*)?([0-9.]+)\s*,\s*([0-9.]+)\s*</seg>")
 _SEG_BODY_RE = re.compile(r"\s*(?:([A-Za-z_][\w.-]*)\s*:\s*)?([0-9.]+)\s*,\s*([0-9.]+)\s*\Z")
-_MAX_RAW = 200  # keep hostile tags from bloating state and notes
+_MAX_RAW = MAX_RAW  # keep hostile tags from bloating state and notes
 
 
 def parse_last_seg(text: str) -> ListenRequest | None:
@@ -41,8 +41,15 @@ def parse_last_seg(text: str) -> ListenRequest | None:
         pass
     if last is None:
         return None
-    clip, start, end = last.group(1), last.group(2), last.group(3)
-    return ListenRequest(start=start, end=end, clip=clip, raw=last.group(0)[:_MAX_RAW], protocol="seg")
+    return _seg_request(last.group(1), last.group(2), last.group(3), last.group(0))
+
+
+def _seg_request(clip: str | None, start: str, end: str, raw: str) -> ListenRequest:
+    # A tag's numbers and clip id can be megabytes long: keep only bounded copies in state and notes.
+    return ListenRequest(
+        start=bounded_number(start), end=bounded_number(end), clip=quoted(clip, MAX_CLIP_ID) if clip else None,
+        raw=raw[:_MAX_RAW], protocol="seg",
+    )  # fmt: skip
 
 
 def parse_closing_seg(text: str) -> ListenRequest:
@@ -64,7 +71,7 @@ def parse_closing_seg(text: str) -> ListenRequest:
             start=None, end=None, raw=raw[:_MAX_RAW], protocol="seg",
             error="could not read the span; write <seg>START, END</seg> in seconds",
         )  # fmt: skip
-    return ListenRequest(start=m.group(2), end=m.group(3), clip=m.group(1), raw=raw[:_MAX_RAW], protocol="seg")
+    return _seg_request(m.group(1), m.group(2), m.group(3), raw)
 
 
 def _model_text(gen: Generation) -> TextPart:
@@ -72,6 +79,8 @@ def _model_text(gen: Generation) -> TextPart:
     if gen.token_ids or not gen.text:  # text without ids (teacher forcing) is tokenised when encoded
         part["token_ids"] = list(gen.token_ids)
         part["logprobs"] = list(gen.logprobs)
+    elif gen.completion_tokens:  # an API that reports how many tokens it sampled, but not which
+        part["token_count"] = gen.completion_tokens
     return part
 
 
@@ -188,13 +197,13 @@ class FunctionCallProtocol(ListenProtocol):
                 except OverflowError:  # an int too large for a float: a number, but not a finite one
                     return math.inf if v > 0 else -math.inf
             if isinstance(v, str):
-                return v[:40]
+                return bounded_number(v)
             return None
 
         clip = args.get("clip")
         return ListenRequest(
             start=num(args.get("start")), end=num(args.get("end")),
-            clip=clip[:60] if isinstance(clip, str) and clip else None,
+            clip=quoted(clip, MAX_CLIP_ID) if isinstance(clip, str) and clip else None,
             raw=raw, protocol="function", call_id=call["id"],
         )  # fmt: skip
 

@@ -28,7 +28,9 @@ class EchoInput(TypedDict):
     question: str
     choices: NotRequired[list[str]]
     gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
-    active_clip: NotRequired[str | None]  # which clip plain <seg> tags refer to; None: the newest
+    # Which clip plain <seg> tags refer to. None: the clip the question is about, the first clip unless the
+    # question names another by its id (`steps.question_clip`).
+    active_clip: NotRequired[str | None]
 
 
 class EchoOutput(TypedDict):

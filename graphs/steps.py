@@ -10,12 +10,13 @@ what a question does to the conversation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..audio import AudioRef
 from ..backends.base import Generation, GenerationRequest
-from ..config import AgentConfig, SamplingParams
+from ..config import SEED_MIN, AgentConfig, SamplingParams
 from ..errors import ConfigError
 from ..messages import Message, Part, audio_part, text_part
 from ..prompts import RETRY_NUDGE, format_question
@@ -42,14 +43,27 @@ def response_text(conversation: list[Message], start: int) -> str:
 
 
 def generated_token_count(conversation: list[Message], start: int) -> int:
-    """Tokens the model sampled in the assistant messages from `start` on."""
+    """Tokens the model sampled in the assistant messages from `start` on (the ids, else the reported count)."""
     return sum(
-        len(p.get("token_ids", []))
+        len(p["token_ids"]) if "token_ids" in p else p.get("token_count", 0)
         for m in conversation[start:]
         if m["role"] == "assistant"
         for p in m["content"]
         if p["type"] == "text" and p["origin"] == "model"
     )
+
+
+def question_clip(question: str, clip_ids: Sequence[str]) -> str:
+    """The clip a question is about, which a plain `<seg>START, END</seg>` then means: the first clip, unless the
+    question names another by its id (as a word, any case: "Is the beep in clip2 higher?"); when it names
+    several, the one named first. A clip loaded later (`/load`) is thus never the default by being newest, so a
+    model that writes no prefix can always re-listen to the clip it was asked about."""
+    named: list[tuple[int, str]] = []
+    for cid in clip_ids[1:]:
+        m = re.search(rf"(?<!\w){re.escape(cid)}(?!\w)", question, re.IGNORECASE)
+        if m:
+            named.append((m.start(), cid))
+    return min(named)[1] if named else clip_ids[0]
 
 
 def open_question(state: State) -> dict[str, Any]:
@@ -59,7 +73,7 @@ def open_question(state: State) -> dict[str, Any]:
         raise ConfigError("the graph input has no clips: load audio with AudioStore and pass its refs")
     introduced = list(state.get("introduced", []))
     new = [cid for cid in clips if cid not in introduced]
-    active = state.get("active_clip") or (new[-1] if new else introduced[-1])
+    active = state.get("active_clip") or question_clip(state["question"], [*introduced, *new])
     if active not in clips:
         raise ConfigError(f"active_clip {active!r} is not a loaded clip ({', '.join(clips)})")
     parts: list[Part] = [audio_part(cid) for cid in new]
@@ -91,7 +105,9 @@ def call_sampling(sampling: SamplingParams, model_calls: int) -> SamplingParams:
     """The sampling of one model call: a distinct, reproducible seed per call of a question (seed + i)."""
     if sampling.seed is None:
         return sampling
-    return sampling.model_copy(update={"seed": sampling.seed + model_calls})
+    # Wrapped into the signed 64-bit range, so a seed near its top still gives every call a valid seed.
+    seed = (sampling.seed + model_calls - SEED_MIN) % 2**64 + SEED_MIN
+    return sampling.model_copy(update={"seed": seed})
 
 
 def model_request(
@@ -192,5 +208,6 @@ __all__ = [
     "may_continue",
     "model_request",
     "open_question",
+    "question_clip",
     "response_text",
 ]

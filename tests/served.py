@@ -18,6 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from echo_agent.backends.base import Generation, GenerationRequest
+from echo_agent.serve import ServeConfig
+from echo_agent.serve.run import uvicorn_config
 
 _SCRIPT = Path(sys.executable).with_name("echo-agent")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "echo_agent.cli"]
@@ -79,10 +81,15 @@ class ServeProcess:
 
 
 class ThreadServer:
-    """A FastAPI app served by uvicorn on a background thread (its own event loop), on loopback."""
+    """A FastAPI app served by uvicorn on a background thread (its own event loop), on loopback. With `config`, uvicorn
+    runs with `echo-agent serve`'s own settings (header deadline, connection cap)."""
 
-    def __init__(self, app: FastAPI) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    def __init__(self, app: FastAPI, config: ServeConfig | None = None) -> None:
+        if config is None:
+            settings = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
+        else:
+            settings = uvicorn_config(app, config, host="127.0.0.1", port=0, log_level="error")
+        self.server = uvicorn.Server(settings)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + SLOW

@@ -169,3 +169,27 @@ async def test_concurrent_requests_share_a_continuous_batch(
     want = [await backend.generate(r, a) for r, a in requests[:3]]
     _assert_same(want * 2, list(got))
     assert sorted(deltas) == sorted(g.text for g in got if g.text)
+
+
+async def test_a_cancelled_request_leaves_the_batch_at_once(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    """A caller that gives up (its task cancelled: a failed collect, a closed connection) stops costing decode
+    steps: its row leaves the batch at the next step instead of decoding to its budget, and the decoder thread ends."""
+    _, audio = clips
+    batcher = BatchingBackend(backend, max_batch=4, idle_s=0.05)
+    budget = 400
+    ((request, resolver),) = _requests(audio[:1], [SamplingParams(max_new_tokens=budget)], [[]])
+    never_ends = request.model_copy(update={"suppress": []})
+    task = asyncio.create_task(batcher.generate(never_ends, resolver))
+    while not batcher.batch_sizes:  # decoding has started
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(400):  # the thread winds down: one more step at most, then idle_s
+        if not batcher._running:
+            break
+        await asyncio.sleep(0.01)
+    assert not batcher._running
+    assert len(batcher.batch_sizes) < budget // 4, "the cancelled row did not decode to its budget"

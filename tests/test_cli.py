@@ -315,10 +315,20 @@ def test_chat_resumes_a_thread_in_a_new_process(beeps_wav: Path, tmp_path: Path,
     assert state["introduced"] == ["main"]
 
 
-@pytest.mark.parametrize("thread", [["--thread", "brand-new"], []], ids=["named-thread", "no-thread"])
-def test_chat_without_audio_or_history_is_an_error(thread: list[str], tmp_path: Path, env: dict[str, str]) -> None:
-    proc = run_cli(["chat", "--db", str(tmp_path / "chat.sqlite"), *thread, *FAST], env, "hello\n/quit\n")
-    assert_clean_error(proc, "no audio: give an audio file, or --thread ID of a session that has one")
+@pytest.mark.parametrize(
+    ("thread", "message"),
+    [
+        (["--thread", "brand-new"], "no such thread: brand-new in {db}"),
+        ([], "no audio: give an audio file, or --thread ID of a session that has one"),
+    ],
+    ids=["named-thread", "no-thread"],
+)
+def test_chat_without_audio_or_history_is_an_error(
+    thread: list[str], message: str, tmp_path: Path, env: dict[str, str]
+) -> None:
+    db = tmp_path / "chat.sqlite"
+    proc = run_cli(["chat", "--db", str(db), *thread, *FAST], env, "hello\n/quit\n")
+    assert_clean_error(proc, message.format(db=db))
 
 
 def test_chat_survives_kill_and_load_adds_a_clip(
@@ -369,3 +379,178 @@ def test_stage0_init_that_is_not_a_run_folder_is_a_clean_error(tmp_path: Path, e
     proc = run_cli(["train", "audio", "--train", str(data), "--out", str(tmp_path / "o"), "--config", str(cfg)], env)
     assert_clean_error(proc, "nowhere")
     assert not (tmp_path / "o").exists()  # nothing was started
+
+
+# ---- issue 14: durable threads, one-line errors, quiet --json -------------------------------------
+
+
+def _has_checkpoint(db: Path, thread: str) -> bool:
+    """Whether the thread has a checkpoint yet (read while the chat process writes; a missing table is no)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05) as conn:
+            return conn.execute("SELECT 1 FROM checkpoints WHERE thread_id=? LIMIT 1", (thread,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def _kill_when(chat: Session, ready: Any, what: str) -> None:
+    """SIGKILL the chat as soon as `ready()` holds (polled every 2 ms; the deadline only bounds a stuck run)."""
+    import time
+
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        assert chat.proc.poll() is None, f"chat exited before {what}: {''.join(chat.errors)}"
+        assert time.monotonic() < deadline, f"no {what} within {TIMEOUT} s"
+        time.sleep(0.002)
+    assert chat.kill() == -signal.SIGKILL
+
+
+def test_chat_killed_as_its_thread_is_created_resumes_with_its_clip(
+    beeps_wav: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Issue 14.12: the first question is already waiting on stdin, and the chat is killed the moment its thread
+    has a checkpoint, inside the first question's first fraction of a second. The thread holds its clip, and a
+    new process resumes it without the audio file."""
+    db, thread = tmp_path / "chat.sqlite", "t-early"
+    chat = Session([str(beeps_wav), "--db", str(db), "--thread", thread, *FAST], env)
+    chat.send("How many beeps? [2 | 3]\n")
+    _kill_when(chat, lambda: _has_checkpoint(db, thread), "checkpoint")
+    assert "Traceback" not in "".join(chat.errors)
+    state = saved_state(db, thread)
+    assert {c: r["sha256"] for c, r in state["clips"].items()} == {"main": sha256(beeps_wav)}
+
+    resumed = run_cli(["chat", "--db", str(db), "--thread", thread, *FAST], env, "How many beeps? [2 | 3]\n/quit\n")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr and "has no history" not in resumed.stdout
+    assert SUMMARY.search(resumed.stdout), resumed.stdout
+    state = saved_state(db, thread)
+    turns = question_turns(state)
+    assert turns and "How many beeps?" in turn_text(turns[-1])
+    # The clip was heard exactly once, with the thread's first question, whichever run that was.
+    assert audio_clips(turns[0]) == [("main", None, None)] and all(audio_clips(t) == [] for t in turns[1:])
+    assert state["introduced"] == ["main"] and state["clips"]["main"]["sha256"] == sha256(beeps_wav)
+
+
+def test_a_loaded_clip_is_durable_before_the_next_question(
+    beeps_wav: Path, other_wav: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    db, thread = tmp_path / "chat.sqlite", "t-load"
+    chat = Session([str(beeps_wav), "--db", str(db), "--thread", thread, *FAST], env)
+    chat.send(f"/load {other_wav}\n")
+
+    def has_clip2() -> bool:
+        return _has_checkpoint(db, thread) and "clip2" in saved_state(db, thread).get("clips", {})
+
+    _kill_when(chat, has_clip2, "clip2 in the checkpoint")
+    resumed = run_cli(["chat", "--db", str(db), "--thread", thread, *FAST], env, "Which is longer? [main | clip2]\n")
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    turns = question_turns(saved_state(db, thread))
+    assert len(turns) == 1 and audio_clips(turns[0]) == [("main", None, None), ("clip2", None, None)]
+    assert "Loaded clips: 'main' (6.0 s), 'clip2' (3.0 s)" in turn_text(turns[0])
+
+
+def test_load_of_a_path_with_a_nul_byte_is_an_error_and_the_chat_goes_on(
+    beeps_wav: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    db = tmp_path / "chat.sqlite"
+    proc = run_cli(["chat", str(beeps_wav), "--db", str(db), *FAST], env, "/load bad\x00name.wav\nHow many?\n/quit\n")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: 'bad\\x00name.wav': a file path cannot contain a NUL byte" in flat(proc.stdout)
+    assert SUMMARY.search(proc.stdout), proc.stdout
+
+
+def test_nul_byte_in_an_argument_is_a_one_line_error(
+    beeps_wav: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """argv cannot carry a NUL byte, but `main` is also called in process (tests, embedding)."""
+    from echo_agent.cli import main
+
+    for argv, name in [(["ask", f"{beeps_wav}\x00.wav", "q"], "audio"), (["chat", "--db", "x\x00.db"], "--db"),
+                       (["eval", str(beeps_wav), "--out", "r\x00.json"], "--out")]:  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {name}: contains a NUL byte\n"
+    assert list(tmp_path.iterdir()) == [beeps_wav]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ask", "{audio}", "q", "--seed", str(2**63)],
+        ["ask", "{audio}", "q", "--seed", str(-(2**63) - 1)],
+        ["chat", "{audio}", "--seed", str(2**64)],
+        ["collect", "{data}", "--samples", "1", "--out", "{out}", "--seed", str(2**70)],
+        ["data", "synth", "--out", "{out}", "--n", "1", "--seed", str(2**64)],
+        ["data", "synth", "--out", "{out}", "--n", "1", "--seed", "-1"],
+        ["train", "sft", "--train", "{data}", "--out", "{out}", "--seed", str(2**63)],
+    ],
+    ids=["ask-over", "ask-under", "chat", "collect", "synth-over", "synth-negative", "train"],
+)
+def test_seed_outside_64_bits_is_a_one_line_error(
+    args: list[str], beeps_wav: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "a", "audio_id": beeps_wav.name, "question": "q", "choices": ["1", "2"],
+                                 "answer": "1", "trace": "<think>x</think><answer>1</answer>"}]))  # fmt: skip
+    out = tmp_path / "out"
+    subs = {"{audio}": str(beeps_wav), "{data}": str(data), "{out}": str(out)}
+    proc = run_cli([subs.get(a, a) for a in args], env, stdin="/quit\n")
+    assert_clean_error(proc, "seed")
+    assert "922337203685477580" in proc.stderr, proc.stderr  # names the bound: 2**63 - 1 or -(2**63)
+    assert proc.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("snr", "needle"), [(["20", "5"], "got 20 5"), (["nan", "5"], "got nan 5"), (["5", "inf"], "got 5 inf")]
+)
+def test_synth_snr_range_must_be_min_then_max(snr: list[str], needle: str, tmp_path: Path, env: dict[str, str]) -> None:
+    out = tmp_path / "suite"
+    proc = run_cli(["data", "synth", "--out", str(out), "--n", "1", "--seed", "0", "--snr", *snr], env)
+    assert_clean_error(proc, "--snr MIN MAX", "MIN <= MAX", needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle", "prog"),
+    [
+        ([], "the following arguments are required: command", "echo-agent"),
+        (["frobnicate"], "invalid choice: 'frobnicate'", "echo-agent"),
+        (["ask", "{audio}"], "the following arguments are required: question", "echo-agent ask"),
+        (["ask", "{audio}", "q", "--max-new-tokens", "many"], "invalid int value: 'many'", "echo-agent ask"),
+        (["data", "synth", "--n", "1"], "the following arguments are required: --out, --seed", "echo-agent data synth"),
+        (["ask", "{audio}", "q", "--no-such-flag"], "unrecognized arguments: --no-such-flag", "echo-agent"),
+    ],
+    ids=["no-command", "unknown-command", "missing-question", "bad-int", "nested", "unknown-flag"],
+)
+def test_argument_errors_are_one_line_without_the_usage_block(
+    args: list[str], needle: str, prog: str, beeps_wav: Path, env: dict[str, str]
+) -> None:
+    proc = run_cli([a.replace("{audio}", str(beeps_wav)) for a in args], env)
+    assert_clean_error(proc, needle, f"(see {prog} --help)")
+    assert "usage:" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_still_prints_the_usage(env: dict[str, str]) -> None:
+    proc = run_cli(["ask", "--help"], env)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: echo-agent ask"), proc.stdout
+    assert proc.stderr == ""
+
+
+def test_ask_json_writes_nothing_on_stderr(beeps_wav: Path, env: dict[str, str]) -> None:
+    """No "Loading weights" progress bar: `--json` is read by programs, and stderr is for errors."""
+    proc = run_cli(["ask", str(beeps_wav), "How many beeps?", "--json", *FAST], env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert Result.model_validate(json.loads(proc.stdout)).status in ("answered", "no_answer")
+
+
+def test_langgraph_api_folder_is_ignored_by_git() -> None:
+    """`langgraph dev` writes its in-memory runtime's state to .langgraph_api/ in the repository."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (".langgraph_api/.langgraph_checkpoint.1.pckl", ".langgraph_api/store.pckl"):
+        proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, check=False)
+        assert proc.returncode == 0, f"{path} is not ignored"

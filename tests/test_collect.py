@@ -295,3 +295,129 @@ def test_collect_rejects_bad_arguments_before_loading_a_model(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "t.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 24 KiB tmpfs (room for about three trajectories) and a function that makes it 1 MiB. Mounting
+    needs root (CAP_SYS_ADMIN); elsewhere the test is skipped and the file-size-limit case still runs."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+
+    def make_room() -> None:
+        subprocess.run(["mount", "-o", "remount,size=1m", str(disk)], check=True)
+
+    try:
+        yield disk, make_room
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _collect_cli(data: Path, out: Path, limit_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`echo-agent collect` with 8 runs in flight, so the decoder is busy when a write fails. `limit_bytes` sets
+    the process's real file-size limit (RLIMIT_FSIZE: a write past it fails with EFBIG; SIGXFSZ is ignored)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        assert limit_bytes is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    cmd = [*CLI, "collect", str(data), "--samples", "3", "--out", str(out), "--model", RANDOM_MODEL,
+           "--max-new-tokens", str(SAMPLING.max_new_tokens), "--concurrency", "8"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # stderr is a pipe (read by `run`): a log file would itself hit the file-size limit.
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False,
+                          preexec_fn=limit if limit_bytes is not None else None)  # fmt: skip
+
+
+def _assert_stopped_cleanly(proc: subprocess.CompletedProcess[str], out: Path, reason: str) -> int:
+    """Exit 2 with one `error:` line naming the file and the reason (no traceback, no SIGABRT), and a file that
+    ends with a whole record. Returns the records it holds."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+    assert f"cannot write to {out}: {reason}" in errors[0] and "rerun the same command to resume" in errors[0]
+    records, valid_end = read_trajectories(out)
+    data = out.read_bytes()
+    assert valid_end == len(data) and data.endswith(b"\n"), "the file must end with a whole record"
+    assert len(data.splitlines()) == len(records) >= 1
+    assert f"it keeps its {len(records)} whole records" in errors[0]
+    return len(records)
+
+
+def _assert_complete(out: Path, suite: Path, before: bytes) -> None:
+    items = load_benchmark(suite)
+    ids = [json.loads(line)["id"] for line in out.read_bytes().splitlines()]
+    assert sorted(ids) == sorted(f"{i.id}#{k}" for i in items for k in range(3))  # every key exactly once
+    assert out.read_bytes().startswith(before)  # the records written before the failure are kept as they were
+
+
+def test_full_disk_stops_with_a_clear_error_and_the_rerun_resumes(suite: Path, small_disk: tuple[Path, Any]) -> None:
+    disk, make_room = small_disk
+    out = disk / "traj.jsonl"
+    proc = _collect_cli(suite, out)
+    kept = _assert_stopped_cleanly(proc, out, "no space left on device")
+    assert kept < 9
+    before = out.read_bytes()
+    again = _collect_cli(suite, out)  # still full: the same clean stop, nothing lost or duplicated
+    assert _assert_stopped_cleanly(again, out, "no space left on device") == kept
+    assert out.read_bytes() == before
+    make_room()
+    done = _collect_cli(suite, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["done_before"] == kept
+    _assert_complete(out, suite, before)
+
+
+def test_file_size_limit_stops_with_a_clear_error_and_the_rerun_resumes(suite: Path, tmp_path: Path) -> None:
+    out = tmp_path / "traj.jsonl"
+    proc = _collect_cli(suite, out, limit_bytes=20_000)
+    kept = _assert_stopped_cleanly(proc, out, "file too large")
+    before = out.read_bytes()
+    done = _collect_cli(suite, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["done_before"] == kept
+    _assert_complete(out, suite, before)
+
+
+def test_record_log_cuts_a_failed_write_back_to_the_last_whole_record(small_disk: tuple[Path, Any]) -> None:
+    """The file layer on the real full tmpfs: a write that fits only in part is undone, the error names the file
+    and the reason, and after making room the same log (and a reopened one) goes on from the whole records."""
+    from pydantic import BaseModel
+
+    from echo_agent.errors import OutputError
+    from echo_agent.jsonl import RecordLog
+
+    class Rec(BaseModel):
+        key: str
+        blob: str
+
+    disk, make_room = small_disk
+    path = disk / "log.jsonl"
+    appended = 0
+    with RecordLog(path, Rec, lambda r: r.key, "record") as log:
+        with pytest.raises(OutputError) as failed:
+            for i in range(100):  # 24 KiB hold four of these and part of a fifth
+                log.append(Rec(key=str(i), blob="x" * 5000))
+                appended += 1
+        assert 1 <= appended < 100
+        assert str(failed.value) == (
+            f"cannot write to {path}: no space left on device; it keeps its {appended} whole records: "
+            "make room and rerun the same command to resume"
+        )
+        assert len(path.read_bytes().splitlines()) == appended and path.read_bytes().endswith(b"\n")
+        make_room()
+        log.append(Rec(key="after", blob="y"))
+    with RecordLog(path, Rec, lambda r: r.key, "record") as again:
+        assert list(again.done) == [*(str(i) for i in range(appended)), "after"]

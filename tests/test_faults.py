@@ -74,8 +74,9 @@ class FaultProxy:
 
     async def _forward(self, body: bytes, drop: bool) -> Response:
         client = httpx.AsyncClient(timeout=SLOW)
-        resp = await client.send(client.build_request("POST", f"{self.upstream}/v1/chat/completions", content=body),
-                                 stream=True)  # fmt: skip
+        request = client.build_request("POST", f"{self.upstream}/v1/chat/completions", content=body,
+                                       headers={"Content-Type": "application/json"})  # fmt: skip
+        resp = await client.send(request, stream=True)
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -245,7 +246,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ThreadSe
 
 
 def _post(server: ThreadServer, body: Any, token: str | None = "s3cret", **kw: Any) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     if not isinstance(body, (bytes, Iterator)):
         body = json.dumps(body).encode()
     return httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=SLOW, **kw)

@@ -335,3 +335,25 @@ def test_min_slice_outcome_is_not_empty(store: AudioStore, clips: dict[str, Audi
     assert out.valid and out.audio is not None
     wav = store.slice(clips["main"], out.audio["start"] or 0.0, out.audio["end"] or 0.0, SR)
     assert wav.shape == (3200,)
+
+
+# ---------------------------------------------------------------- hostile sizes
+
+
+def test_nothing_the_model_wrote_is_quoted_unbounded(clips: dict[str, AudioRef]) -> None:
+    """Whatever a request holds (any protocol, or a caller's own), the note and the record stay short: a note
+    goes into the conversation, and every later prompt and checkpoint would carry it again."""
+    huge = "1.2." * 1_000_000
+    tool = ListenTool()
+    cases = [
+        (ListenRequest(start=huge, end="2", raw="<seg>" + huge, protocol="seg"), "numbers of seconds"),
+        (ListenRequest(start="1", end="2", clip="k" * 10**6, raw=huge, protocol="seg"), "unknown clip 'kkk"),
+        (ListenRequest(start=None, end=None, raw=huge, protocol="function", error="bad " * 10**5), "bad bad"),
+    ]
+    for request, reason in cases:
+        out = tool(request, clips, audios_used=1)
+        assert_invalid(out, reason)
+        assert out.note is not None and len(out.note) < 700
+        assert len(out.call.raw) <= 200 and len(out.call.clip) <= 60 and len(out.call.reason or "") <= 300
+    out = tool(ListenRequest(start="1", end="2", raw=huge, protocol="seg"), clips, audios_used=1)
+    assert out.valid and len(out.call.raw) == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from echo_agent.audio import AudioRef, AudioStore
 from echo_agent.backends.base import Generation
+from echo_agent.backends.transformers import parse_tool_calls
 from echo_agent.config import ListenLimits
 from echo_agent.messages import Message, ToolCall, audio_part, message_text, text_part
 from echo_agent.protocols import (
@@ -617,3 +619,121 @@ def test_both_protocols_normalise_to_same_call(seg: str, args: str, clips: dict[
     assert (a.call.call_id, b.call.call_id) == (None, "call_1")
     assert type(a.call) is type(b.call)
     assert set(a.call.model_dump()) == set(b.call.model_dump())
+
+
+# ---------------------------------------------------------------- hostile sizes: nothing quoted unbounded
+
+HUGE = 10_000_000  # characters: the 10 MB tag of issue 14
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "1.2." * (HUGE // 4) + ", 2",  # an unparseable number
+        "1, " + "9." * (HUGE // 2),
+        "x" * HUGE + ": 1, 2",  # a clip id
+        "1" * HUGE + ", 2",  # a parseable one (inf)
+    ],
+    ids=["start", "end", "clip", "inf"],
+)
+def test_a_10mb_tag_costs_a_short_note(body: str, clips: dict[str, AudioRef]) -> None:
+    """What a hostile tag leaves in state (the pending request, the record, the note that every later prompt
+    carries) stays short: the model's own text is the only full copy."""
+    text = f"<think>I hear <seg>{body}</seg>"
+    p = SegTagProtocol()
+    msgs, [request] = p.absorb([user_msg()], gen(text, in_text=True), open_turn=False)
+    assert len(json.dumps(request.model_dump())) < 500  # the graph's `pending`
+    out = ListenTool()(request, clips, audios_used=1)
+    assert not out.valid and out.note is not None and len(out.note) < 400
+    assert len(json.dumps(out.call.model_dump())) < 800  # the graph's `listens`
+    delivered = p.deliver(msgs, [out])
+    assert sum(len(message_text(m)) for m in delivered) < len(text) + 500
+    assert out.note.startswith("(cannot listen to ")
+
+
+def test_a_quoted_value_is_cut_with_an_ellipsis(clips: dict[str, AudioRef]) -> None:
+    out = ListenTool()(parse_closing_seg("<seg>" + "1.2." * 100 + ", 3</seg>"), clips, audios_used=1)
+    assert out.note == f"(cannot listen to {('1.2.' * 10)[:39]}…-3 s: start and end must be numbers of seconds)"
+    out = ListenTool()(parse_closing_seg("<seg>" + "c" * 100 + ": 1, 2</seg>"), clips, audios_used=1)
+    assert out.call.reason == f"unknown clip '{'c' * 59}…' (loaded: clip2, main)" and out.call.clip == "c" * 59 + "…"
+    # Long numbers are parsed whole, not cut: 400 nines are not finite, and 60 digits of 1 are past the end.
+    assert ListenTool()(parse_closing_seg("<seg>1, " + "9" * 400 + "</seg>"), clips, 1).call.reason == (
+        "start and end must be finite")  # fmt: skip
+    out = ListenTool()(parse_closing_seg("<seg>" + "1" * 60 + ", " + "2" * 60 + "</seg>"), clips, 1)
+    assert "past the end" in (out.call.reason or "")
+
+
+def test_a_huge_tool_call_costs_a_short_note(clips: dict[str, AudioRef]) -> None:
+    args = json.dumps({"start": "1.2." * 1_000_000, "end": 2, "clip": "y" * 1_000_000})
+    request = FunctionCallProtocol.parse_tool_call(tcall(args))
+    assert len(json.dumps(request.model_dump())) < 500
+    out = ListenTool()(request, clips, audios_used=1)
+    assert not out.valid and out.note is not None and len(out.note) < 400
+    assert out.call.reason == f"unknown clip '{'y' * 59}…' (loaded: clip2, main)"
+
+
+# ---------------------------------------------------------------- the Hermes tool-call parser
+
+_HERMES_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)  # the grammar, as a regex
+
+
+def hermes_bodies(text: str) -> list[str]:
+    """The block bodies by the (quadratic) regex: the reference for `parse_tool_calls`."""
+    return [m.group(1) for m in _HERMES_RE.finditer(text)]
+
+
+TOOL_FRAGMENTS = ["<tool_call>", "</tool_call>", "<tool_call", "{", "}", " ", "\n", "\u00a0", '"name"', ":",
+                  '"listen"', ",", '"arguments"', '{"start": 1}', "x", "<", ">"]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(TOOL_FRAGMENTS), max_size=30).map("".join))
+def test_tool_call_blocks_are_the_hermes_grammar(text: str) -> None:
+    """The linear parser finds exactly the blocks the regex finds, in order, with the same calls."""
+    calls = parse_tool_calls(text, first_index=3)
+    expected = hermes_bodies(text)
+    assert [c["id"] for c in calls] == [f"call_{3 + i}" for i in range(len(expected))]
+    for call, body in zip(calls, expected, strict=True):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            assert (call["name"], call["arguments"]) == (obj["name"], json.dumps(obj.get("arguments", {})))
+        else:
+            assert (call["name"], call["arguments"]) == ("listen", body[:200])
+
+
+def test_tool_call_blocks() -> None:
+    text = (
+        'a <tool_call> {"name": "listen", "arguments": {"start": 1, "end": 2}} </tool_call> b '
+        "<tool_call>{not json}</tool_call> <tool_call>no brace</tool_call> "
+        '<tool_call>{"name": "x"</tool_call> tail}\n</tool_call>'
+    )
+    assert parse_tool_calls(text) == [
+        {"id": "call_0", "name": "listen", "arguments": '{"start": 1, "end": 2}'},
+        {"id": "call_1", "name": "listen", "arguments": "{not json}"},
+        # The body runs to the first closing tag after a `}`: across the one that follows `"x"`.
+        {"id": "call_2", "name": "listen", "arguments": '{"name": "x"</tool_call> tail}'},
+    ]
+    assert parse_tool_calls("<tool_call>{" + "[" * 100_000 + "}</tool_call>")[0]["arguments"].startswith("{[[[")
+    assert parse_tool_calls("") == [] and parse_tool_calls("</tool_call><tool_call>{}") == []
+
+
+def test_tool_call_parsing_is_linear() -> None:
+    """`"<tool_call>{" * n` made the regex rescan to the end for every block (quadratic: ~40 minutes at
+    n = 200,000). Four times the input must take about four times as long, not sixteen."""
+
+    def best_of_3(n: int) -> float:
+        text = "<tool_call>{" * n + '<tool_call>{"name": "listen", "arguments": {}}</tool_call>'
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            calls = parse_tool_calls(text)
+            times.append(time.perf_counter() - t0)
+        # One block: the first opening tag's body runs to the only closing tag (it is no JSON, so it is kept raw).
+        assert len(calls) == 1 and calls[0]["arguments"].startswith("{<tool_call>{<tool_call>{")
+        return min(times)
+
+    small, large = best_of_3(50_000), best_of_3(200_000)
+    assert large / small < 8, (small, large)

@@ -153,8 +153,9 @@ def test_auth_and_clear_errors(server: ThreadServer) -> None:
     }  # fmt: skip
     for name, (body, message) in bad.items():
         r = httpx.post(
-            f"{server.url}/v1/chat/completions", content=b"{" if body is None else json.dumps(body), headers=AUTH
-        )
+            f"{server.url}/v1/chat/completions", content=b"{" if body is None else json.dumps(body),
+            headers={**AUTH, "Content-Type": "application/json"},
+        )  # fmt: skip
         assert r.status_code == 400 and message in r.json()["error"]["message"], (name, r.text)
 
 

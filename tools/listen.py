@@ -3,6 +3,10 @@
 The model writes the span, so every input here is hostile until checked. The tool never raises on
 it: a bad span yields an invalid `ListenCall` plus a short note the runtime shows the model instead
 of audio, and the trajectory keeps the call as invalid (design §2). Nothing is silently skipped.
+
+Nothing the model wrote is copied unbounded: a note quotes at most `MAX_QUOTED` characters of a value,
+and a record keeps at most `MAX_RAW` characters of the tag or call. A note goes into the conversation,
+so every later prompt and checkpoint would otherwise carry a hostile 10 MB number again.
 """
 
 from __future__ import annotations
@@ -82,6 +86,25 @@ class ListenOutcome(BaseModel):
 
 
 _EPS = 1e-9  # seconds; far below one sample at any audio rate
+MAX_QUOTED = 40  # characters of a model-written value (a number, a clip id) that a note or record quotes
+MAX_RAW = 200  # characters of the model's tag or call kept in `ListenCall.raw`
+MAX_CLIP_ID = 60  # characters of a model-written clip id kept; loaded clips have short ids (main, clip2)
+_MAX_REASON = 300
+
+
+def quoted(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text`, cut to `limit` characters with an ellipsis when it is longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def bounded_number(text: str) -> str | float:
+    """A number as the model wrote it, for a `ListenRequest`: short text as it is (the tool parses and
+    quotes it); longer text parsed now, or cut when it is no number, so that no copy of it is long.
+    A cut one stays unparseable: the ellipsis is no digit."""
+    if len(text) <= MAX_QUOTED:
+        return text
+    value = _to_float(text)
+    return value if value is not None else quoted(text)
 
 
 def _to_float(value: str | float | None) -> float | None:
@@ -98,7 +121,7 @@ def _to_float(value: str | float | None) -> float | None:
 def _fmt(x: float | str | None) -> str:
     if isinstance(x, float) and math.isfinite(x):
         return f"{x:g}"
-    return str(x)
+    return quoted(str(x))
 
 
 class ListenTool:
@@ -123,9 +146,10 @@ class ListenTool:
         start, end = _to_float(request.start), _to_float(request.end)
 
         def invalid(reason: str) -> ListenOutcome:
+            reason = quoted(reason, _MAX_REASON)
             call = ListenCall(
-                clip=clip, start=start, end=end, valid=False, reason=reason, raw=request.raw,
-                protocol=request.protocol, call_id=request.call_id,
+                clip=quoted(clip, MAX_CLIP_ID), start=start, end=end, valid=False, reason=reason,
+                raw=request.raw[:MAX_RAW], protocol=request.protocol, call_id=request.call_id,
             )  # fmt: skip
             shown_start = start if start is not None else request.start
             shown_end = end if end is not None else request.end
@@ -136,7 +160,7 @@ class ListenTool:
             return invalid(request.error)
         if clip not in clips:
             known = ", ".join(sorted(clips)) or "none"
-            return invalid(f"unknown clip '{clip}' (loaded: {known})")
+            return invalid(f"unknown clip '{quoted(clip, MAX_CLIP_ID)}' (loaded: {quoted(known, 200)})")
         if start is None or end is None:
             return invalid("start and end must be numbers of seconds")
         if not (math.isfinite(start) and math.isfinite(end)):
@@ -161,7 +185,7 @@ class ListenTool:
         if length > lim.max_slice + _EPS:
             return invalid(f"slice longer than {lim.max_slice:g} s; listen to a shorter span")
         call = ListenCall(
-            clip=clip, start=start, end=end, valid=True, reason="; ".join(notes) or None, raw=request.raw,
+            clip=clip, start=start, end=end, valid=True, reason="; ".join(notes) or None, raw=request.raw[:MAX_RAW],
             protocol=request.protocol, call_id=request.call_id,
         )  # fmt: skip
         return ListenOutcome(call=call, audio=audio_part(clip, start, end), note=None)

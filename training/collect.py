@@ -9,28 +9,31 @@ its reward terms as the graph's verifier computed them, and the token-level data
 
 Runs are resumable and crash-safe (`echo_agent.jsonl`): each record is appended, flushed and fsynced as its run
 finishes; a restart drops a torn last line and skips the (item, sample) keys already present, so a `kill -9` at
-any moment followed by a rerun leaves every key exactly once. Sampling is deterministic per (item, sample): the
-seed of a run derives from (seed, item id, sample index), and model call i of the run samples with that seed + i.
+any moment followed by a rerun leaves every key exactly once. A full disk stops the run with `OutputError` and the
+file cut back to its last whole record, so the same command resumes once there is room. Sampling is deterministic
+per (item, sample): the seed of a run derives from (seed, item id, sample index), and model call i of the run
+samples with that seed + i.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, Field
 
 from ..agent import EchoAgent
 from ..backends.transformers import PromptEncoder
 from ..benchmarks import BenchItem
-from ..errors import ConfigError
-from ..graphs.runner import jobs, run_jobs
-from ..jsonl import RecordLog, read_records
+from ..errors import ConfigError, OutputError
+from ..graphs.runner import RunOutcome, jobs, run_jobs
+from ..jsonl import RecordLog, os_reason, read_records
 from .trajectory import Trajectory, to_trajectory
 
 __all__ = ["CollectSummary", "collect", "config_hash", "export_parquet", "read_parquet", "read_trajectories"]
@@ -99,7 +102,10 @@ async def collect(
     out = Path(out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'traj.jsonl'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {out.parent}: {os_reason(err)}") from None
     chash = config_hash(agent, seed)
 
     def same_config(traj: Trajectory) -> None:
@@ -118,10 +124,14 @@ async def collect(
     with RecordLog(out, Trajectory, lambda t: t.id, "trajectory", same_config) as log:
         todo = [job for job in keys if job.id not in log.done]
         label = f"collect x{samples}" if progress else None
-        async for outcome in run_jobs(agent, todo, concurrency=concurrency, progress=label):
-            traj = to_trajectory(outcome, encoder, agent.store, {**head, "data": str(outcome.job.item.source)})
-            log.append(traj)
-            written.append(traj)
+        # aclosing: when a write fails (a full disk), the runs still in flight are cancelled at once, not when
+        # the generator is collected (run_jobs is an async generator; its AsyncIterator annotation hides aclose).
+        runs = cast(AsyncGenerator[RunOutcome, None], run_jobs(agent, todo, concurrency=concurrency, progress=label))
+        async with contextlib.aclosing(runs):
+            async for outcome in runs:
+                traj = to_trajectory(outcome, encoder, agent.store, {**head, "data": str(outcome.job.item.source)})
+                log.append(traj)  # OutputError (disk full): the file ends with a whole record
+                written.append(traj)
     elapsed = time.perf_counter() - t0
     ran = [t for t in written if t.status != "error"]
     return CollectSummary(
@@ -180,10 +190,14 @@ def export_parquet(jsonl: Path, parquet: Path) -> int:
             row[name] = json.dumps(row[name])
         rows.append(row)
     table = pa.Table.from_pylist(rows, schema=_schema())
-    parquet.parent.mkdir(parents=True, exist_ok=True)
     tmp = parquet.with_name(f".{parquet.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, parquet)
+    try:
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        os.replace(tmp, parquet)
+    except OSError as err:  # a full disk: no half-written file is left, under either name
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write to {parquet}: {os_reason(err)}") from None
     return len(rows)
 
 

@@ -215,3 +215,21 @@ class RankLog:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def checkpoint(accelerator: Any, model: Any, processor: Any, run: RunFolder, state: dict[str, Any]) -> None:
+    """Rank 0 saves the checkpoint (model, processor, trainer `state`); every rank waits for it."""
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), processor, run.checkpoint, state)
+    accelerator.wait_for_everyone()
+
+
+def finish(accelerator: Any, model: Any, processor: Any, run: RunFolder, ranks: RankLog, merge_lora: bool) -> Path:
+    """Record each rank's final weights (before a LoRA merge changes them), then rank 0 saves OUT/final (adapters
+    merged) while the others wait. Returns OUT/final."""
+    ranks.write({"final_weights": weights_digest(accelerator.unwrap_model(model))})
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), processor, run.final, merge_lora=merge_lora)
+    accelerator.wait_for_everyone()
+    ranks.close()
+    return run.final

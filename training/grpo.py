@@ -41,11 +41,11 @@ from .common import (
     RankLog,
     RunFolder,
     TrainableSettings,
+    checkpoint,
+    finish,
     load_items,
     prepare_training,
-    save_model,
     validation_accuracy,
-    weights_digest,
 )
 from .trajectory import Trajectory, model_inputs, sequence_logprobs, to_trajectory
 
@@ -276,14 +276,6 @@ def train(cfg: GRPOConfig) -> Path:
         if accelerator.is_main_process and (step % cfg.log_every == 0 or "val_accuracy" in record):
             log.write(record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), processor, run.checkpoint,
-                           {"optimizer": optimizer.state_dict(), "step": step})  # fmt: skip
-            accelerator.wait_for_everyone()
-    ranks.write({"final_weights": weights_digest(accelerator.unwrap_model(model))})  # before a LoRA merge
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), processor, run.final, merge_lora=cfg.lora)
-    accelerator.wait_for_everyone()
+            checkpoint(accelerator, model, processor, run, {"optimizer": optimizer.state_dict(), "step": step})
     log.close()
-    ranks.close()
-    return run.final
+    return finish(accelerator, model, processor, run, ranks, cfg.lora)

@@ -43,14 +43,14 @@ from .common import (
     RankLog,
     RunFolder,
     TrainableSettings,
+    checkpoint,
     digest,
+    finish,
     load_items,
     load_model,
     lr_at,
     prepare_training,
-    save_model,
     validation_accuracy,
-    weights_digest,
 )
 
 _LISTEN_PHRASE = re.compile(r"\s*I listen to [^:<]*:\s*<seg>[^<]*</seg>")
@@ -258,15 +258,8 @@ def train(cfg: SFTConfig, model: Any = None, processor: Any = None) -> Path:
         if record and accelerator.is_main_process:
             log.write(record)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "step": step, "python_rng": random.getstate(),
-                         "torch_rng": torch.get_rng_state()}  # fmt: skip
-                save_model(accelerator.unwrap_model(model), processor, run.checkpoint, state)
-            accelerator.wait_for_everyone()
-    ranks.write({"final_weights": weights_digest(accelerator.unwrap_model(model))})  # before a LoRA merge
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), processor, run.final, merge_lora=cfg.lora)
-    accelerator.wait_for_everyone()
+            state = {"optimizer": optimizer.state_dict(), "step": step, "python_rng": random.getstate(),
+                     "torch_rng": torch.get_rng_state()}  # fmt: skip
+            checkpoint(accelerator, model, processor, run, state)
     log.close()
-    ranks.close()
-    return run.final
+    return finish(accelerator, model, processor, run, ranks, cfg.lora)

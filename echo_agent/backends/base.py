@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..audio import AudioRef, AudioStore
 from ..config import SamplingParams
@@ -48,6 +48,17 @@ class Generation(BaseModel):
     )
     tool_calls: list[ToolCall] = Field(default_factory=list)
     prompt_ids: list[int] | None = Field(default=None, description="the exact prompt token ids, when known")
+    # The counts, also where the ids are unknown: an API may report only its usage.
+    prompt_tokens: int | None = Field(default=None, ge=0, description="len(prompt_ids), else a server's count")
+    completion_tokens: int | None = Field(default=None, ge=0, description="len(token_ids), else a server's count")
+
+    @model_validator(mode="after")
+    def _count_the_ids(self) -> Generation:
+        if self.prompt_ids:
+            self.prompt_tokens = len(self.prompt_ids)
+        if self.token_ids:
+            self.completion_tokens = len(self.token_ids)
+        return self
 
 
 DeltaCallback = Callable[[str], None]

@@ -60,6 +60,9 @@ class _Row:
     ids: list[int] = field(default_factory=list)  # prompt + generated, for the processors and stop check
     new_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # Whether the caller gave up (its task was cancelled): the row then leaves the batch at the next step instead of
+    # decoding to its token budget, so a cancelled run (a failed `collect`, a closed connection) frees the model.
+    cancelled: Callable[[], bool] = field(default=lambda: False)
 
 
 class _StopCache:
@@ -248,7 +251,7 @@ class _Decoder:
         stopped = _stopped(self.rows)
         for b, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
             s = row.request.sampling
-            if token in self.backend._eos or len(row.new_ids) >= s.max_new_tokens or stopped[b]:
+            if token in self.backend._eos or len(row.new_ids) >= s.max_new_tokens or stopped[b] or row.cancelled():
                 done.append(row)
             else:
                 going.append(b)
@@ -463,6 +466,8 @@ class BatchingBackend:
                 new = []
             try:
                 rows = [_row(self.backend, p.request, p.prompt) for p in new]
+                for r, p in zip(rows, new, strict=True):
+                    r.cancelled = p.future.cancelled
                 decoder.admit(rows)
                 owners.update({id(r): p for r, p in zip(rows, new, strict=True)})
                 self.batch_sizes.append(len(decoder))

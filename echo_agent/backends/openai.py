@@ -13,11 +13,19 @@ Mirrors `TransformersBackend` over HTTP:
 * Function-call protocol: the `listen` tool goes out as an OpenAI tool; its result comes back as a
   tool message plus a user message holding the audio (design §3).
 * Token-level data: with `return_token_ids`/`logprobs`, vLLM's `token_ids`, `prompt_token_ids` and
-  the per-token log-probs flow into `Generation.token_ids`, `.prompt_ids` and `.logprobs`.
+  the per-token log-probs flow into `Generation.token_ids`, `.prompt_ids` and `.logprobs`. Without
+  ids, the server's `usage` (asked for in streams with `stream_options.include_usage`) gives
+  `.prompt_tokens` and `.completion_tokens`, so a run's `generated_tokens` counts what was sampled.
 * Failures: 429, 5xx, timeouts and dropped connections (also mid-stream) are retried with bounded,
   jittered exponential backoff (tenacity); the client's own retries are off (`max_retries=0`). When
   the attempts run out, or on any other HTTP error, a `BackendError` names the endpoint, the model
-  and the last status.
+  and the last status. `timeout` bounds one attempt; `deadline` bounds the whole call, retries and
+  backoff included, so a stream that never ends costs `deadline`, not `timeout` x `max_attempts`.
+* Hostile or broken servers: every field of a response or stream chunk is type-checked before use. A
+  200 answer that is no chat completion (`choices` a string, token ids that are not integers, a
+  stream chunk that is not JSON, ...) is a `BackendError` naming the endpoint, not retried: the same
+  server would answer the same way. The text, the token ids and the tool-call arguments of one
+  answer are bounded (`_answer_limit`), so a server cannot fill memory or the conversation.
 
 Model spec for `load_backend`: `openai:MODEL@BASE_URL`, e.g. `openai:Qwen/Qwen2-Audio-7B-Instruct@http://localhost:8000/v1`.
 """
@@ -27,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import httpx2 as httpx  # openai>=3 is built on httpx2
@@ -80,10 +90,18 @@ class OpenAIOptions(BaseModel):
     logprobs: bool = Field(False, description="ask for per-token log-probs")
     stream: bool = Field(True, description="stream when the caller wants text deltas")
     timeout: float = Field(300.0, gt=0, description="seconds for one attempt of one call, whole stream included")
+    deadline: float | None = Field(
+        None, gt=0,
+        description="seconds for one whole call, every attempt and backoff included; None: 3 x timeout",
+    )  # fmt: skip
     connect_timeout: float = Field(10.0, gt=0)
     max_attempts: int = Field(5, ge=1, description="attempts per call, the first included")
     backoff_initial: float = Field(0.5, ge=0, description="seconds; the backoff doubles per attempt, with jitter")
     backoff_max: float = Field(10.0, ge=0)
+
+
+class _Malformed(Exception):
+    """A 200 answer that is not a chat completion: a broken or hostile server. Not retried."""
 
 
 class _Retryable(Exception):
@@ -233,6 +251,8 @@ class OpenAIBackend:
             kwargs["tools"] = list(request.tools)
         if opts.logprobs:
             kwargs["logprobs"] = True
+        if stream:  # the token counts come in a last chunk (OpenAI's and vLLM's usage)
+            kwargs["stream_options"] = {"include_usage": True}
         extra: dict[str, Any] = {}
         if opts.vllm_extensions:
             if request.continue_final:
@@ -260,29 +280,45 @@ class OpenAIBackend:
         stream = self.options.stream and on_delta is not None
         kwargs = self.build_kwargs(request, audio, stream)
         last = "no attempt"
+        attempts = 0
         forward = _ReplayFilter(on_delta) if on_delta is not None else None
+        deadline = self.deadline
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.options.max_attempts),
-                wait=wait_random_exponential(multiplier=self.options.backoff_initial, max=self.options.backoff_max),
-                retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
-                reraise=True,
-            ):
-                with attempt:
-                    self.attempts += 1
-                    try:
-                        if forward is not None:
-                            forward.new_attempt()
-                        return await self._attempt(kwargs, request, forward if stream else None)
-                    except _Retryable as err:
-                        last = err.status
-                        raise
+            # One clock for the whole call: the per-attempt timeout alone lets a server that never finishes
+            # hold a call for timeout x attempts. Cancelling closes the stream (see `_streamed`).
+            async with asyncio.timeout(deadline):
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(self.options.max_attempts),
+                    wait=wait_random_exponential(multiplier=self.options.backoff_initial, max=self.options.backoff_max),
+                    retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+                    reraise=True,
+                ):
+                    with attempt:
+                        self.attempts += 1
+                        attempts += 1
+                        try:
+                            if forward is not None:
+                                forward.new_attempt()
+                            return await self._attempt(kwargs, request, forward if stream else None)
+                        except _Retryable as err:
+                            last = err.status
+                            raise
         except _Retryable:
             pass
+        except TimeoutError:  # the attempts turn their own timeouts into _Retryable: this is the deadline
+            raise BackendError(
+                f"{self.base_url} (model {self.model}): no complete answer within the {deadline:g} s deadline "
+                f"of one call ({attempts} attempt{'s' if attempts != 1 else ''}; last error: {last})"
+            ) from None
         raise BackendError(
             f"{self.base_url} (model {self.model}): gave up after {self.options.max_attempts} attempts; "
             f"last error: {last}"
         )
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one `generate` call may take, every attempt and backoff included."""
+        return self.options.deadline or 3 * self.options.timeout
 
     async def _attempt(
         self, kwargs: dict[str, Any], request: GenerationRequest, on_delta: DeltaCallback | None
@@ -291,8 +327,15 @@ class OpenAIBackend:
             async with asyncio.timeout(self.options.timeout):
                 if on_delta is not None:
                     return await self._streamed(kwargs, request, on_delta)
-                resp = await self.client.chat.completions.create(**kwargs)
-                return self._from_response(resp.model_dump(), request)
+                # The raw body, read as JSON here: the client's own parsing raises bare JSON errors.
+                raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
+                try:
+                    data = json.loads(raw.content)
+                except _READ_ERRORS as err:  # not JSON, not UTF-8, nested too deep
+                    raise _Malformed(f"the response is not JSON ({_error_text(err)})") from None
+                return self._from_response(data, request)
+        except _Malformed as err:
+            raise BackendError(f"{self.base_url} (model {self.model}): malformed response: {err}") from None
         except TimeoutError:
             raise _Retryable(f"timed out after {self.options.timeout:g} s") from None
         except openai.APITimeoutError:
@@ -312,55 +355,62 @@ class OpenAIBackend:
     async def _streamed(
         self, kwargs: dict[str, Any], request: GenerationRequest, on_delta: DeltaCallback
     ) -> Generation:
-        acc = _Accumulator()
+        acc = _Accumulator(_answer_limit(request))
         stream = await self.client.chat.completions.create(**kwargs)
-        async for chunk in stream:
-            data = chunk.model_dump()
-            if data.get("prompt_token_ids") is not None:
-                acc.prompt_ids = list(data["prompt_token_ids"])
-            for choice in data.get("choices") or []:
-                delta = choice.get("delta") or {}
-                text = delta.get("content") or ""
+        # `async with`: a cancelled call (the deadline, a client that went away) closes the connection now.
+        async with stream:
+            chunks = aiter(stream)
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except _READ_ERRORS as err:  # the client's json.loads of an event's data, or its model building
+                    raise _Malformed(f"a stream event could not be read ({_error_text(err)})") from None
+                with _malformed_on_error("a stream chunk"):
+                    text = acc.add_chunk(_obj(_plain(chunk), "a stream chunk"))
                 if text:
-                    acc.text.append(text)
                     on_delta(text)
-                for tc in delta.get("tool_calls") or []:
-                    acc.add_tool_delta(tc)
-                acc.add_logprobs(choice.get("logprobs"))
-                if choice.get("token_ids"):
-                    acc.token_ids.extend(choice["token_ids"])
-                if choice.get("finish_reason"):
-                    acc.finish = choice["finish_reason"]
-                    acc.stop_reason = choice.get("stop_reason", _ABSENT)
         if acc.finish is None:
             # The server closed the stream without saying why it stopped: the connection was cut.
             raise _Retryable("stream ended without a finish_reason (connection dropped)")
         return self._generation(
             "".join(acc.text), acc.finish, acc.stop_reason, acc.tool_calls(), acc.token_ids, acc.logprobs,
-            acc.prompt_ids, request,
+            acc.prompt_ids, acc.usage, request,
         )  # fmt: skip
 
-    def _from_response(self, data: dict[str, Any], request: GenerationRequest) -> Generation:
-        choices = data.get("choices") or []
-        if not choices:
-            raise _Retryable("response has no choices")
-        choice = choices[0]
-        msg = choice.get("message") or {}
-        calls: list[ToolCall] = [
-            {"id": c.get("id") or f"call_{i}", "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-            for i, c in enumerate(msg.get("tool_calls") or [])
-        ]
-        acc = _Accumulator()
-        acc.add_logprobs(choice.get("logprobs"))
-        return self._generation(
-            msg.get("content") or "", choice.get("finish_reason") or "stop", choice.get("stop_reason", _ABSENT),
-            calls, list(choice.get("token_ids") or []), acc.logprobs, data.get("prompt_token_ids"), request,
-        )  # fmt: skip
+    def _from_response(self, raw: object, request: GenerationRequest) -> Generation:
+        with _malformed_on_error("the response"):
+            data = _obj(raw, "the response")
+            choices = _list(data.get("choices"), "choices")
+            if not choices:
+                raise _Retryable("response has no choices")
+            choice = _obj(choices[0], "choices[0]")
+            msg = _obj(choice.get("message"), "choices[0].message")
+            acc = _Accumulator(_answer_limit(request))
+            acc.add_text(_opt_str(msg.get("content"), "message.content"))
+            for i, c in enumerate(_list(msg.get("tool_calls"), "message.tool_calls")):
+                where = f"message.tool_calls[{i}]"
+                call = _obj(c, where)
+                fn = _obj(call.get("function"), f"{where}.function")
+                name = _opt_str(fn.get("name"), f"{where}.function.name")
+                if not name:
+                    raise _Malformed(f"{where}.function.name is missing")
+                acc.add_tool_delta({**call, "index": i}, where)
+            acc.add_logprobs(choice.get("logprobs"), "choices[0].logprobs")
+            acc.add_token_ids(choice.get("token_ids"), "choices[0].token_ids")
+            prompt_ids = _token_ids(data.get("prompt_token_ids"), "prompt_token_ids")
+            finish = _opt_str(choice.get("finish_reason"), "choices[0].finish_reason") or "stop"
+            return self._generation(
+                "".join(acc.text), finish, choice.get("stop_reason", _ABSENT), acc.tool_calls(), acc.token_ids,
+                acc.logprobs, prompt_ids, _usage(data.get("usage")), request,
+            )  # fmt: skip
 
     @staticmethod
     def _generation(
         text: str, finish: str, stop_reason: object, calls: list[ToolCall], token_ids: list[int],
-        logprobs: list[float], prompt_ids: list[int] | None, request: GenerationRequest,
+        logprobs: list[float], prompt_ids: list[int] | None, usage: tuple[int | None, int | None],
+        request: GenerationRequest,
     ) -> Generation:  # fmt: skip
         reason: FinishReason
         stop_string: str | None = None
@@ -381,6 +431,7 @@ class OpenAIBackend:
         return Generation(
             text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=reason, stop_string=stop_string,
             stop_string_in_text=in_text, tool_calls=calls, prompt_ids=list(prompt_ids) if prompt_ids else None,
+            prompt_tokens=usage[0], completion_tokens=usage[1],  # the ids' counts win, when there are ids
         )  # fmt: skip
 
 
@@ -431,31 +482,192 @@ class _ReplayFilter:
 
 
 class _Accumulator:
-    """Collects a streamed completion."""
+    """Collects a completion (a stream's chunks, or the one message of a plain response), checking each
+    field's type and the size of the whole: text, token ids, log-probs and tool-call text together stay
+    under `limit` (the server may be hostile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.text: list[str] = []
+        self.chars = 0
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.prompt_ids: list[int] | None = None
         self.finish: str | None = None
         self.stop_reason: object = _ABSENT
+        self.usage: tuple[int | None, int | None] = (None, None)
         self._calls: dict[int, dict[str, str]] = {}
 
-    def add_logprobs(self, lp: dict[str, Any] | None) -> None:
-        for item in (lp or {}).get("content") or []:
-            self.logprobs.append(float(item["logprob"]))
+    def _grow(self, n: int, what: str) -> None:
+        self.chars += n
+        if self.chars > self.limit:
+            raise _Malformed(f"more {what} than max_tokens allows (over {self.limit} characters or tokens)")
 
-    def add_tool_delta(self, tc: dict[str, Any]) -> None:
-        slot = self._calls.setdefault(int(tc.get("index") or 0), {"id": "", "name": "", "arguments": ""})
-        if tc.get("id"):
-            slot["id"] = tc["id"]
-        fn = tc.get("function") or {}
-        slot["name"] += fn.get("name") or ""
-        slot["arguments"] += fn.get("arguments") or ""
+    def add_chunk(self, data: dict[str, Any]) -> str:
+        """Add one stream chunk; return its new text."""
+        new: list[str] = []
+        prompt_ids = _token_ids(data.get("prompt_token_ids"), "prompt_token_ids")
+        if prompt_ids is not None:
+            self.prompt_ids = prompt_ids
+        if data.get("usage") is not None:  # the last chunk, with stream_options.include_usage
+            self.usage = _usage(data["usage"])
+        for i, c in enumerate(_list(data.get("choices"), "choices")):
+            choice = _obj(c, f"choices[{i}]")
+            delta = _obj(choice.get("delta"), f"choices[{i}].delta")
+            text = _opt_str(delta.get("content"), "delta.content")
+            if text:
+                self.add_text(text)
+                new.append(text)
+            for j, tc in enumerate(_list(delta.get("tool_calls"), "delta.tool_calls")):
+                self.add_tool_delta(_obj(tc, f"delta.tool_calls[{j}]"), f"delta.tool_calls[{j}]")
+            self.add_logprobs(choice.get("logprobs"), f"choices[{i}].logprobs")
+            self.add_token_ids(choice.get("token_ids"), f"choices[{i}].token_ids")
+            finish = _opt_str(choice.get("finish_reason"), f"choices[{i}].finish_reason")
+            if finish:
+                self.finish = finish
+                self.stop_reason = choice.get("stop_reason", _ABSENT)
+        return "".join(new)
+
+    def add_text(self, text: str | None) -> None:
+        if text:
+            self._grow(len(text), "text")
+            self.text.append(text)
+
+    def add_token_ids(self, ids: object, where: str) -> None:
+        checked = _token_ids(ids, where) or []
+        self._grow(len(checked), "token ids")
+        self.token_ids.extend(checked)
+
+    def add_logprobs(self, lp: object, where: str) -> None:
+        content = _list(_obj(lp, where).get("content"), f"{where}.content")
+        self._grow(len(content), "log-probs")
+        for i, item in enumerate(content):
+            value = _obj(item, f"{where}.content[{i}]").get("logprob")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise _Malformed(f"{where}.content[{i}].logprob is {_what(value)}, expected a number")
+            self.logprobs.append(float(value))
+
+    def add_tool_delta(self, tc: dict[str, Any], where: str) -> None:
+        index = tc.get("index")
+        if index is None:
+            index = 0
+        elif not isinstance(index, int) or isinstance(index, bool):
+            raise _Malformed(f"{where}.index is {_what(index)}, expected an integer")
+        slot = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        call_id = _opt_str(tc.get("id"), f"{where}.id")
+        if call_id:
+            if len(call_id) > _MAX_ID:
+                raise _Malformed(f"{where}.id is {len(call_id)} characters long (at most {_MAX_ID})")
+            slot["id"] = call_id
+        fn = _obj(tc.get("function"), f"{where}.function")
+        for key in ("name", "arguments"):
+            piece = _opt_str(fn.get(key), f"{where}.function.{key}")
+            if piece:
+                self._grow(len(piece), "tool-call text")
+                slot[key] += piece
 
     def tool_calls(self) -> list[ToolCall]:
         return [
             {"id": c["id"] or f"call_{i}", "name": c["name"], "arguments": c["arguments"]}
             for i, c in sorted(self._calls.items())
         ]
+
+
+# ---- checking what a server sent ---------------------------------------------------------------------
+
+_MAX_ID = 256  # characters of a tool-call id; ids go back to the server and into the conversation
+# What reading a malformed answer can raise (json's JSONDecodeError and pydantic's ValidationError are ValueErrors).
+_READ_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RecursionError)
+
+
+def _answer_limit(request: GenerationRequest) -> int:
+    """The most characters of text (and the most token ids, log-probs, tool-call characters) one answer
+    may hold: far more than `max_new_tokens` tokens can decode to, far less than what fills memory."""
+    return max(1 << 20, 256 * request.sampling.max_new_tokens)
+
+
+def _plain(obj: object) -> object:
+    """The JSON the server sent, as plain values. The client builds its models without validation, so
+    wrong types survive into the dump (where they are checked); warnings about them are noise here."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(warnings=False)
+    return obj
+
+
+def _what(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int | float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _obj(v: object, where: str) -> dict[str, Any]:
+    """An object, or {} for null/absent."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Malformed(f"{where} is {_what(v)}, expected an object")
+    return v
+
+
+def _list(v: object, where: str) -> list[Any]:
+    """An array, or [] for null/absent."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _Malformed(f"{where} is {_what(v)}, expected an array")
+    return v
+
+
+def _opt_str(v: object, where: str) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise _Malformed(f"{where} is {_what(v)}, expected a string")
+
+
+def _token_ids(v: object, where: str) -> list[int] | None:
+    """An array of token ids, or None for null/absent."""
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise _Malformed(f"{where} is {_what(v)}, expected an array of integer token ids")
+    for i, t in enumerate(v):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise _Malformed(f"{where}[{i}] is {_what(t)}, expected an integer token id")
+    return v
+
+
+def _usage(v: object) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) from a `usage` object; None where it says nothing."""
+    usage = _obj(v, "usage")
+    counts: list[int | None] = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        n = usage.get(key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise _Malformed(f"usage.{key} is {_what(n)}, expected a count of tokens")
+        counts.append(n)
+    return counts[0], counts[1]
+
+
+@contextmanager
+def _malformed_on_error(what: str) -> Iterator[None]:
+    """Turns an unexpected type error while reading a response into `_Malformed`: a last guard, so that no
+    server answer can end in a traceback (pydantic's ValidationError is a ValueError). The checks above
+    give the clearer messages."""
+    try:
+        yield
+    except _READ_ERRORS as exc:
+        raise _Malformed(f"{what} could not be read ({_error_text(exc)})") from exc
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"

@@ -35,7 +35,9 @@ QwenFamily = AudioFamily  # kept for callers that name the Qwen families
 SAMPLING_RATE = 16000
 QWEN2_AUDIO_MEL_FRAMES = 3000  # the Qwen2-Audio encoder accepts exactly 30 s of mel frames
 _STOP_OVERHANG = 16
-_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+# Tags only: the bodies are found by position (`parse_tool_calls`), in one linear pass. A lazy `.*?` body
+# regex rescans to the end of the text for every unclosed block: quadratic on "<tool_call>{" * n.
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*|</tool_call>")  # an opening tag with the whitespace after it
 
 
 @dataclass
@@ -170,19 +172,43 @@ def _tools_system_text(tools: list[dict[str, object]]) -> str:
 
 def parse_tool_calls(text: str, first_index: int = 0) -> list[ToolCall]:
     """Hermes-style `<tool_call>{...}</tool_call>` blocks. Unparseable JSON is kept raw so the protocol
-    can answer with a note (it never raises)."""
+    can answer with a note (it never raises).
+
+    The blocks are those of `<tool_call>\\s*(\\{.*?\\})\\s*</tool_call>` (DOTALL) found left to right, in
+    linear time: a block's body runs from the `{` after its opening tag to the first closing tag that has
+    only whitespace after a `}`. Such closing tags are taken in order, so no part of the text is scanned twice."""
     calls: list[ToolCall] = []
-    for i, m in enumerate(_TOOL_CALL_RE.finditer(text)):
-        body = m.group(1)
+    tags = [(m.start(), m.end(), m.group().startswith("<tool_call>")) for m in _TOOL_CALL_RE.finditer(text)]
+    closes = [at for at, _, is_open in tags if not is_open]
+    ci, resume = 0, 0  # next closing tag to consider; where the previous block ended
+    for at, brace, is_open in tags:
+        if not is_open or at < resume:
+            continue
+        if brace == len(text) or text[brace] != "{":
+            continue
+        body_end = -1
+        while ci < len(closes) and body_end < 0:
+            close = closes[ci]
+            ci += 1
+            if close <= brace:
+                continue
+            q = close - 1
+            while text[q].isspace():  # stops at the `{` at the latest
+                q -= 1
+            if text[q] == "}":
+                body_end, resume = q + 1, close + len("</tool_call>")
+        if body_end < 0:
+            break  # no closing tag fits this block, so none fits a later one either
+        body = text[brace:body_end]
         try:
             obj = json.loads(body)
-        except json.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            args = obj.get("arguments", {})
-            calls.append({"id": f"call_{first_index + i}", "name": obj["name"], "arguments": json.dumps(args)})
-        else:
-            calls.append({"id": f"call_{first_index + i}", "name": "listen", "arguments": body[:200]})
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+                args = json.dumps(obj.get("arguments", {}))
+                calls.append({"id": f"call_{first_index + len(calls)}", "name": obj["name"], "arguments": args})
+                continue
+        except (ValueError, RecursionError):  # bad JSON, ints over Python's digit limit, nesting too deep
+            pass
+        calls.append({"id": f"call_{first_index + len(calls)}", "name": "listen", "arguments": body[:200]})
     return calls
 
 
@@ -345,9 +371,18 @@ class TransformersBackend:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", name: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str = "cpu",
+        name: str | None = None,
+        attn_implementation: str | None = None,
+        device_map: str | None = None,
     ) -> TransformersBackend:
-        """Load a local model directory (nothing is downloaded)."""
+        """Load a local model directory (nothing is downloaded) onto `device` in `dtype` (None: as saved), or spread
+        over every GPU with `device_map="auto"`. `attn_implementation` is transformers' ("eager", "sdpa",
+        "flash_attention_2")."""
         from transformers import AutoConfig, AutoProcessor
 
         from .. import families
@@ -359,7 +394,14 @@ class TransformersBackend:
 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model_cls = families.model_class(config)
-        model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = model_cls.from_pretrained(path, **kwargs)
+        if device_map is None:
+            model = model.to(device)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         return cls(model, processor, name=name or path.name)
 
@@ -410,7 +452,8 @@ class TransformersBackend:
         logits = torch.stack([step[0] for step in out.logits]).float()
         if not greedy:
             logits = logits / s.temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids).unsqueeze(-1)).squeeze(-1)
+        sampled = torch.tensor(new_ids, device=logits.device).unsqueeze(-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sampled).squeeze(-1)
         return self.to_generation(request, prompt, new_ids, logprobs.tolist())
 
     def to_generation(
