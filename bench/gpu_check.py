@@ -44,7 +44,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,10 @@ from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_beeps
-from memorize import Trace, memorize
+from memorize import memorize
+
+# The clip, question and memorised trace of bench/overhead.py (think, re-listen to 2-3 s, answer): shared, not copied.
+from overhead import BEEPS, CHOICES, GOLD, QUESTION, SPAN, TRACE
 
 from echo_agent.agent import EchoAgent, Result
 from echo_agent.audio import AudioRef, AudioStore
@@ -78,15 +81,6 @@ from echo_agent.training.trajectory import Trajectory, model_inputs, sequence_lo
 
 PHASES = ("environment", "graph_run", "rollouts", "training", "vllm")
 SR = 16000
-BEEPS = [(1.0, 0.2), (2.3, 0.2), (2.7, 0.2), (4.5, 0.3)]
-QUESTION, CHOICES, GOLD = "How many beeps are there?", ["3", "4", "5"], "4"
-SPAN = (2.0, 3.0)
-# The trace the model memorises (that of tests/test_graph_e2e.py and bench/overhead.py): think, re-listen, answer.
-TRACE = Trace(
-    before="<think>Two beeps sit close together near <seg>2.0, 3.0</seg>",
-    span=SPAN,
-    after=" yes, two there, one at 1 s and one at 4.5 s.</think><answer>4</answer>",
-)
 
 
 @dataclass(frozen=True)
@@ -132,26 +126,13 @@ PRESETS: dict[str, Settings] = {
         sft_batch=8,
         vllm_tokens=32,
     ),
-    # Small enough that the whole check runs in about a minute on 2 CPU cores.
-    "tiny": Settings(
-        hidden=64,
-        layers=2,
-        audio_hidden=32,
-        audio_layers=2,
-        memorize_steps=300,
-        memorize_lr=1e-2,
-        max_new_tokens=96,
-        rollout_items=4,
-        rollout_samples=2,
-        max_batch=16,
-        grpo_steps=2,
-        grpo_items=2,
-        group_size=2,
-        sft_steps=3,
-        sft_batch=2,
-        vllm_tokens=8,
-    ),
 }
+# Small enough that the whole check runs in about a minute on 2 CPU cores.
+PRESETS["tiny"] = replace(
+    PRESETS["default"], hidden=64, layers=2, audio_hidden=32, audio_layers=2, memorize_lr=1e-2, max_new_tokens=96,
+    rollout_items=4, rollout_samples=2, max_batch=16, grpo_steps=2, grpo_items=2, group_size=2, sft_steps=3,
+    sft_batch=2, vllm_tokens=8,
+)  # fmt: skip
 # Rough seconds a phase needs at the default sizes on one GPU: it is not started with less time left.
 RESERVE_S = {"graph_run": 45.0, "rollouts": 60.0, "training": 45.0, "vllm": 120.0}
 RESERVE_S_TINY = {"graph_run": 15.0, "rollouts": 10.0, "training": 10.0, "vllm": 30.0}

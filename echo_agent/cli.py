@@ -45,8 +45,13 @@ def _agent_config(args: argparse.Namespace) -> AgentConfig:
 
 
 def _add_audio_limit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-audio-seconds", type=float, default=600.0, metavar="SECONDS",
-                   help="longer clips are refused (default: 600, as `serve`; longer clips cost more memory)")
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="longer clips are refused (default: 600, as `serve`; longer ones cost more memory)",
+    )
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -92,10 +97,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="where a local model runs: auto (a GPU when there is one, all of them for a model that "
                    "needs several), cpu, cuda, cuda:N (default: auto)")  # fmt: skip
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="a local model's dtype; auto: bfloat16 on a GPU that supports it, float32 on the CPU")
-    p.add_argument("--attn-implementation", default=None, metavar="IMPL",
-                   help="transformers attention for a local model: eager, sdpa, flash_attention_2 (default: its own)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="a local model's dtype; auto: bfloat16 on a GPU that supports it, float32 on the CPU",
+    )
+    p.add_argument(
+        "--attn-implementation",
+        default=None,
+        metavar="IMPL",
+        help="transformers attention for a local model: eager, sdpa, flash_attention_2 (default: its own)",
+    )
 
 
 def _backend(args: argparse.Namespace) -> Any:
@@ -264,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=4096,
                        help="text tokens of each model call's prompt, audio aside (default: 4096)")  # fmt: skip
     serve.add_argument("--max-request-seconds", type=float, default=300.0,
-                       help="wall clock per request; the model call is cancelled past it (default: 300)")  # fmt: skip
+                       help="wall clock per request; past it the request is cancelled (default: 300)")  # fmt: skip
     serve.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="for a request's headers and each chunk of its body (default: 30)")  # fmt: skip
     serve.add_argument("--max-concurrent-uploads", type=int, default=2,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,18 @@ def write_beeps(
         x[m] += 0.5 * np.sin(2 * np.pi * freq * t[m])
     sf.write(path, x.astype(np.float32), SR)
     return path
+
+
+def json_paths(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path to a node inside a JSON value (dict keys and list indices): where the fuzz tests mutate."""
+    out = [here]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += json_paths(v, (*here, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += json_paths(v, (*here, i))
+    return out
 
 
 @pytest.fixture

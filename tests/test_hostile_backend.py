@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import json_paths
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from served import ThreadServer
@@ -398,23 +399,11 @@ GARBAGE_EVENTS: list[bytes] = [
 ]  # fmt: skip
 
 
-def _paths(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every path to a node inside `value` (dict keys and list indices)."""
-    out = [here]
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out += _paths(v, (*here, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out += _paths(v, (*here, i))
-    return out
-
-
 def mutate(value: Any, rng: random.Random) -> Any:
     """`value` with 1-3 nodes replaced by odd values, deleted, or wrapped."""
     value = copy.deepcopy(value)
     for _ in range(rng.randint(1, 3)):
-        paths = [p for p in _paths(value) if p]
+        paths = [p for p in json_paths(value) if p]
         if not paths:
             return rng.choice(ODD_VALUES)
         path = rng.choice(paths)

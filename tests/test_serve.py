@@ -176,6 +176,10 @@ def test_serve_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
         (["--auth-token-env", "NO_SUCH_TOKEN_VAR"], "error: --auth-token-env NO_SUCH_TOKEN_VAR"),
         (["--allow-file-dir", str(tmp_path / "nope")], "not a directory"),
         (["--model", "openai:m"], "no server"),
+        (["--max-request-mb", "0"], "--max-request-mb must be > 0"),
+        (["--max-prompt-tokens", "3"], "--max-prompt-tokens: Input should be greater than or equal to 16"),
+        (["--max-concurrent-uploads", "0"], "--max-concurrent-uploads: Input should be greater than or equal to 1"),
+        (["--max-request-seconds", "-1"], "--max-request-seconds: Input should be greater than 0"),
     ):
         out = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True,
                              env=serve_env(tmp_path), timeout=SLOW, check=False)  # fmt: skip

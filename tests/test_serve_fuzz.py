@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import write_beeps
+from conftest import json_paths, write_beeps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from served import SLOW, ThreadServer
@@ -60,17 +60,6 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ThreadSer
     )  # fmt: skip
     with ThreadServer(create_app(load_backend(RAW), cfg), cfg) as s:
         yield s, templates
-
-
-def _paths(value: Any, here: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [here]
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out += _paths(v, (*here, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out += _paths(v, (*here, i))
-    return out
 
 
 def _set(doc: Any, path: tuple[Any, ...], new: Any, delete: bool) -> Any:
@@ -122,7 +111,7 @@ def test_mutated_requests_never_get_a_5xx(
     server, templates = fuzzed
     doc = copy.deepcopy(data.draw(st.sampled_from(templates)))
     for _ in range(data.draw(st.integers(1, 3))):
-        paths = _paths(doc)
+        paths = json_paths(doc)
         path = data.draw(st.sampled_from(paths))
         delete = bool(path) and data.draw(st.booleans())
         doc = _set(doc, path, None if delete else data.draw(json_values), delete)

@@ -126,32 +126,46 @@ def recorded(tmp: Path, **kw: Any) -> ThreadServer:
     return s
 
 
-def no_more_calls(rec: Recording) -> None:
-    """The graphs that were cancelled make no further model call. A call takes ~5 s here (1500 tokens), so a
-    graph that went on would have asked again within the 12 s waited."""
-    calls = len(rec.requests)
-    time.sleep(12)
-    assert len(rec.requests) == calls
+def no_more_calls(s: ThreadServer, since: int, cancelled: int) -> None:
+    """The graphs that were cancelled asked the model nothing more, and their calls in flight were abandoned. A
+    probe queues behind the model calls still running (the local model takes one at a time), so once it is
+    answered, every call has ended: the only call since is the probe, and the cancelled ones never returned."""
+    rec: Recording = s.rec  # type: ignore[attr-defined]
+    probe = post(s, {"model": RAW, "messages": [{"role": "user", "content": "probe"}], "max_tokens": 1})
+    assert probe.status_code == 200, probe.text
+    time.sleep(1.0)
+    assert len(rec.requests) == since + 1  # the probe's
+    assert len(rec.requests) - len(rec.gens) == cancelled
 
 
 def test_a_request_past_its_time_gets_504_and_its_question_is_undone(tmp_path: Path, beeps_wav: Path) -> None:
-    with recorded(tmp_path, max_request_seconds=2.0) as s:
-        rec: Recording = s.rec  # type: ignore[attr-defined]
-        db = s.config.db_path  # type: ignore[attr-defined]
+    """Behind the continuous batch (serve's default): the request gets 504, its model call stops (its row leaves the
+    batch instead of decoding its 4000 tokens) and its question leaves nothing in the thread."""
+    from echo_agent.backends.batching import BatchingBackend
+
+    batcher = BatchingBackend(load_backend(RAW))  # type: ignore[arg-type]
+    cfg = config(tmp_path, max_request_seconds=3.0, max_tokens=4096)
+    with ThreadServer(create_app(batcher, cfg), cfg) as s:
         first = post(s, agent_body("First?", beeps_wav, echo={"thread_id": "timed"}))
         assert first.status_code == 200, first.text
-        before = thread_rows(db, "timed")
-        # 1500 new tokens take the tiny model well over 2 s.
-        for body in (
-            agent_body("Second?", echo={"thread_id": "timed"}, max_tokens=1500),
-            {"model": RAW, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "temperature": 0},
-        ):
+        before = thread_rows(cfg.db_path, "timed")
+        slow = [
+            agent_body("Second?", echo={"thread_id": "timed"}, max_tokens=4000),
+            {"model": RAW, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "temperature": 0},
+            agent_body("Third?", echo={"thread_id": "timed"}, max_tokens=4000, stream=True),
+        ]
+        for body in slow:
             r = post(s, body)
-            assert r.status_code == 504 and "--max-request-seconds" in r.json()["error"]["message"], r.text
-        streamed = events(post(s, agent_body("Third?", echo={"thread_id": "timed"}, max_tokens=1500, stream=True)))
-        assert streamed[-1]["error"]["code"] == 504 and "--max-request-seconds" in streamed[-1]["error"]["message"]
-        no_more_calls(rec)
-        assert thread_rows(db, "timed") == before  # the failed questions were rolled back
+            if body.get("stream"):
+                error = events(r)[-1]["error"]
+                assert error["code"] == 504 and "--max-request-seconds" in error["message"], error
+            else:
+                assert r.status_code == 504 and "--max-request-seconds" in r.json()["error"]["message"], r.text
+            time.sleep(1.0)
+            steps = len(batcher.batch_sizes)
+            time.sleep(3.0)
+            assert len(batcher.batch_sizes) == steps  # the decoder went idle: no row is left decoding
+        assert thread_rows(cfg.db_path, "timed") == before  # the failed questions were rolled back
         view = httpx.get(f"{s.url}/api/threads/timed").json()
         assert [t["question"] for t in view["turns"]] == ["First?"]
 
@@ -160,16 +174,19 @@ def test_a_client_that_leaves_cancels_its_question(tmp_path: Path, beeps_wav: Pa
     with recorded(tmp_path) as s:  # the request limit (300 s) plays no part here
         rec: Recording = s.rec  # type: ignore[attr-defined]
         db = s.config.db_path  # type: ignore[attr-defined]
-        body = agent_body("Gone?", beeps_wav, echo={"thread_id": "left"}, max_tokens=1500)
+        body = agent_body("Gone?", beeps_wav, echo={"thread_id": "left"}, max_tokens=4000)
         with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s
             httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(SLOW, read=1.0))
-        no_more_calls(rec)
+        time.sleep(1.0)  # the server notices the disconnect
+        no_more_calls(s, len(rec.requests), cancelled=1)
         assert thread_rows(db, "left") == (0, 0)  # a new thread whose first question was abandoned: gone
         with httpx.stream("POST", f"{s.url}/v1/chat/completions", json={**body, "stream": True},
                           timeout=SLOW) as r:  # fmt: skip
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the stream started; the client leaves here
-        no_more_calls(rec)
+            for line in r.iter_lines():  # the client leaves once the model is generating
+                if "reasoning_content" in line:
+                    break
+        time.sleep(1.0)
+        no_more_calls(s, len(rec.requests), cancelled=2)
         assert thread_rows(db, "left") == (0, 0)
 
 

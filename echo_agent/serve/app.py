@@ -171,18 +171,28 @@ def _error_event(err: BaseException) -> str:
 # ---- the model as the server uses it ------------------------------------------------------------
 
 
-class _Usage:
-    """Prompt tokens over one request's model calls; None once a call did not report them."""
+class _Scope:
+    """One request as its model calls see it (through a context variable, which LangGraph's node tasks inherit):
+    the prompt tokens over its calls (None once a call did not report them), and its calls in flight, which are
+    cancelled when the request fails. LangGraph lets a node that is running finish when its consumer is
+    cancelled, so a client that left would otherwise still wait out the model call."""
 
     def __init__(self) -> None:
         self.prompt: int | None = 0
+        self.calls: set[asyncio.Future[Generation]] = set()
+        self.cancelled = False
 
     def add(self, gen: Generation) -> None:
         if self.prompt is not None:
             self.prompt = None if gen.prompt_ids is None else self.prompt + len(gen.prompt_ids)
 
+    def cancel(self) -> None:
+        self.cancelled = True
+        for call in list(self.calls):
+            call.cancel()
 
-_USAGE: contextvars.ContextVar[_Usage | None] = contextvars.ContextVar("echo_serve_usage", default=None)
+
+_SCOPE: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("echo_serve_scope", default=None)
 
 
 class PromptTooLongError(RequestError):
@@ -247,10 +257,18 @@ class _ServedBackend:
             await self.prompt_tokens(request, audio)
         else:  # a remote model bounds its own context; what a client sends was checked on arrival
             await self._warm(request, audio)
-        gen = await self.inner.generate(request, audio, on_delta)
-        usage = _USAGE.get()
-        if usage is not None:
-            usage.add(gen)
+        scope = _SCOPE.get()
+        if scope is None:
+            return await self.inner.generate(request, audio, on_delta)
+        if scope.cancelled:
+            raise asyncio.CancelledError
+        call = asyncio.ensure_future(self.inner.generate(request, audio, on_delta))
+        scope.calls.add(call)
+        try:
+            gen = await call
+        finally:
+            scope.calls.discard(call)
+        scope.add(gen)
         return gen
 
 
@@ -984,26 +1002,28 @@ async def _persisted(
 ) -> AsyncIterator[str]:  # fmt: skip
     """Under the thread's lock, read the thread (`prepare`) and run `body`; if the run fails in any way (an error,
     the timeout, the client gone), roll the thread back to before it."""
+    scope = _SCOPE.get()
     async with server.thread_lock(thread):
         run = await prepare()
-        if thread is None:
-            async for event in body(run):
-                yield event
-            return
-        server.quota.check()
-        mark = await server.threads.mark(thread)
+        mark = None
+        if thread is not None:
+            server.quota.check()
+            mark = await server.threads.mark(thread)
         try:
             async for event in body(run):
                 yield event
         except BaseException as err:
+            if scope is not None:
+                scope.cancel()  # the model calls still in flight
             await _settled(err)
-            await asyncio.shield(server.threads.rollback(thread, mark))
+            if thread is not None and mark is not None:
+                await asyncio.shield(server.threads.rollback(thread, mark))
             raise
 
 
 async def _agent_call(server: _Server, req: ChatRequest, conv: Conversation) -> Response:
-    usage = _Usage()
-    _USAGE.set(usage)
+    usage = _Scope()
+    _SCOPE.set(usage)
     state: dict[str, Any] = {}
     runs: list[_AgentRun] = []
 
@@ -1050,8 +1070,8 @@ async def _agent_stream(server: _Server, req: ChatRequest, conv: Conversation) -
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
                      **extra})  # fmt: skip
 
-    usage = _Usage()
-    _USAGE.set(usage)
+    usage = _Scope()
+    _SCOPE.set(usage)
 
     async def body(run: _AgentRun) -> AsyncIterator[str]:
         graph, args, kwargs = _graph_args(server, run)
