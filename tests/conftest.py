@@ -59,13 +59,9 @@ ECHO_QUESTION, ECHO_CHOICES = "How many beeps are there?", ["3", "4", "5"]
 def echo_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model directory, clip): greedy decoding of this model on this clip and question re-listens to
     2.0-3.0 s once and answers 4."""
-    from memorize import Trace, memorize
+    from memorize import Trace, teach
 
-    from echo_agent.audio import AudioStore
-    from echo_agent.backends.base import AudioResolver
     from echo_agent.backends.transformers import TransformersBackend
-    from echo_agent.messages import audio_part, text_part
-    from echo_agent.prompts import format_question
     from echo_agent.tiny_models import build_tiny_qwen2_audio
 
     root = tmp_path_factory.mktemp("echo-model")
@@ -76,13 +72,7 @@ def echo_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         after=" yes, two there, one at 1 s and one at 4.5 s.</think><answer>4</answer>",
     )
     model, processor = build_tiny_qwen2_audio(0)
-    backend = TransformersBackend(model, processor)
-    store = AudioStore()
-    ref = store.load(wav)
-    question = format_question(ECHO_QUESTION, ECHO_CHOICES, {"main": ref.duration}, "main")
-    user = {"role": "user", "content": [audio_part("main"), text_part(question)]}
-    loss = memorize(backend, user, trace, AudioResolver(store, {"main": ref}))  # type: ignore[arg-type]
-    assert loss < 0.05, f"the tiny model did not memorise the trace (loss {loss:.3f})"
+    teach(TransformersBackend(model, processor), wav, ECHO_QUESTION, ECHO_CHOICES, trace)
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)

@@ -71,3 +71,16 @@ def memorize(
             break
     model.eval()
     return float(loss.item())
+
+
+def teach(backend: TransformersBackend, wav: object, question: str, choices: list[str], trace: Trace) -> None:
+    """Memorise `trace` as the answer to `question` about the clip `wav` (a path), as the graph would ask it."""
+    from echo_agent.audio import AudioStore
+    from echo_agent.prompts import format_question
+
+    store = AudioStore()
+    ref = store.load(wav)  # type: ignore[arg-type]
+    text = format_question(question, choices, {"main": ref.duration}, "main")
+    user: Message = {"role": "user", "content": [audio_part("main"), text_part(text)]}
+    loss = memorize(backend, user, trace, AudioResolver(store, {"main": ref}))
+    assert loss < 0.05, f"the tiny model did not memorise the trace (loss {loss:.3f})"

@@ -19,11 +19,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import write_beeps
-from memorize import Trace, memorize
+from memorize import Trace, teach
 
 from echo_agent.agent import EchoAgent, load_backend
-from echo_agent.audio import AudioStore
-from echo_agent.backends.base import AudioResolver
 from echo_agent.backends.batching import BatchingBackend
 from echo_agent.backends.transformers import TransformersBackend
 from echo_agent.benchmarks import BenchItem, load_benchmark
@@ -31,8 +29,6 @@ from echo_agent.config import AgentConfig, SamplingParams
 from echo_agent.errors import ConfigError, EchoError
 from echo_agent.graphs.echo import response_text
 from echo_agent.graphs.runner import sample_seed
-from echo_agent.messages import audio_part, text_part
-from echo_agent.prompts import format_question
 from echo_agent.tiny_models import build_tiny_qwen2_audio
 from echo_agent.training.collect import collect, export_parquet, read_parquet, read_trajectories
 from echo_agent.training.synth import write_suite
@@ -63,12 +59,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> tuple[TransformersBack
               "task": "sound", "category": "count"}  # fmt: skip
     data.write_text(json.dumps([record]))
     backend = TransformersBackend(*build_tiny_qwen2_audio(seed=0))
-    store = AudioStore()
-    ref = store.load(wav)
-    question = format_question(QUESTION, CHOICES, {"main": ref.duration}, "main")
-    user = {"role": "user", "content": [audio_part("main"), text_part(question)]}
-    loss = memorize(backend, user, TRACE, AudioResolver(store, {"main": ref}))  # type: ignore[arg-type]
-    assert loss < 0.05, f"the tiny model did not memorise the trace (loss {loss:.3f})"
+    teach(backend, wav, QUESTION, CHOICES, TRACE)
     return backend, load_benchmark(data)
 
 
