@@ -200,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", choices=CATEGORIES,
                        help="item i gets categories[i %% len]; repeat one to weight it (default: all six)")  # fmt: skip
 
+    suite = data_sub.add_parser("suite", help="write the real-audio suite: speech, music and sound (MMAU format)")
+    suite.add_argument("--out", required=True, help="output folder: <split>.json, <split>.manifest.json and audio/")
+    suite.add_argument("--seed", type=int, required=True)
+    suite.add_argument("--splits", nargs="+", default=None, metavar="NAME=N",
+                       help="preset splits and their unit counts, e.g. train=30000 dev=600 test=1800 "
+                       "(presets: train dev test test_seen test_phrasing test_open test_threads)")  # fmt: skip
+    suite.add_argument("--split", default=None, help="one split: a preset name, or a new name with the options below")
+    suite.add_argument("--n", type=int, default=None, help="units of --split (a unit is one item or one thread)")
+    suite.add_argument("--sources", choices=("train", "heldout"), default=None,
+                       help="--split's sources (default: the preset's, else heldout)")  # fmt: skip
+    suite.add_argument("--phrasing", choices=("train", "heldout"), default=None, help="--split's phrasings")
+    suite.add_argument("--open-share", type=float, default=None, help="share of --split's units that are open")
+    suite.add_argument("--thread-share", type=float, default=None, help="share of --split's units that are threads")
+    suite.add_argument("--domains", nargs="+", default=None, choices=("speech", "music", "sound"))
+    suite.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", help="a subset of categories")
+    suite.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+
     verl = data_sub.add_parser("verl", help="a benchmark file as verl's parquet rows (GRPO on verl, docs/verl.md)")
     verl.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
     verl.add_argument("--out", required=True, help="the parquet file to write")
@@ -665,6 +682,57 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_suite(args: argparse.Namespace) -> int:
+    _check_seed(args.seed)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    from pydantic import ValidationError
+
+    from .training.suite.write import PRESETS, SPLIT_SEED_OFFSET, SplitSpec, write_split
+
+    todo: list[tuple[SplitSpec, int, int]] = []
+    if args.splits:
+        if args.split or args.n is not None:
+            raise ConfigError("give either --splits NAME=N ... or --split NAME --n N, not both")
+        for entry in args.splits:
+            name, _, count = entry.partition("=")
+            if name not in PRESETS or not count.isdigit() or int(count) < 1:
+                raise ConfigError(f"--splits: expected NAME=N with NAME one of {', '.join(PRESETS)}, got {entry!r}")
+            todo.append((PRESETS[name], int(count), args.seed * 1000 + SPLIT_SEED_OFFSET[name]))
+    else:
+        if not args.split or args.n is None:
+            raise ConfigError("give --splits NAME=N ... or --split NAME --n N")
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        base = PRESETS.get(args.split) or SplitSpec(name="custom")
+        overrides = {
+            k: v for k, v in {
+                "name": args.split, "sources": args.sources, "phrasing": args.phrasing, "open_share": args.open_share,
+                "thread_share": args.thread_share, "domains": tuple(args.domains) if args.domains else None,
+                "categories": tuple(args.categories) if args.categories else None,
+            }.items() if v is not None
+        }  # fmt: skip
+        try:
+            spec = SplitSpec.model_validate({**base.model_dump(), **overrides})
+        except ValidationError as err:
+            raise ConfigError(f"--split {args.split}: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
+        seed = args.seed * 1000 + SPLIT_SEED_OFFSET.get(args.split, 0) if args.split in PRESETS else args.seed
+        todo.append((spec, args.n, seed))
+    with contextlib.redirect_stdout(sys.stderr):  # the progress bars go to stderr; stdout holds the JSON paths
+        paths = []
+        for spec, n, seed in todo:
+            try:
+                paths.append(write_split(out, spec, n, seed, workers=args.workers))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _data_verl(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -768,6 +836,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_collect(args))
         if args.command == "data" and args.data_command == "synth":
             return _data_synth(args)
+        if args.command == "data" and args.data_command == "suite":
+            return _data_suite(args)
         if args.command == "data" and args.data_command == "verl":
             return _data_verl(args)
         if args.command == "train" and args.train_command == "audio":
