@@ -193,3 +193,21 @@ async def test_a_cancelled_request_leaves_the_batch_at_once(
         await asyncio.sleep(0.01)
     assert not batcher._running
     assert len(batcher.batch_sizes) < budget // 4, "the cancelled row did not decode to its budget"
+
+
+def test_feature_cache_is_bounded_by_bytes(clips: tuple[AudioStore, list[AudioResolver]]) -> None:
+    """A Qwen2-Audio feature entry is 128 x 3000 floats whatever the slice: the cache holds bytes, not just a
+    count, so a server that heard many long clips does not keep hundreds of MB of features."""
+    from echo_agent.backends.transformers import PromptEncoder
+    from echo_agent.tiny_models import build_qwen2_audio_processor
+
+    _, resolvers = clips
+    one_entry = 128 * 3000 * 4
+    encoder = PromptEncoder(build_qwen2_audio_processor(), feature_cache_size=256, feature_cache_bytes=3 * one_entry)
+    for k in range(8):
+        encoder.encode_audio_part(audio_part("main", 0.1 * k, 0.1 * k + 1.0), resolvers[0])
+        assert encoder._cached_bytes <= 3 * one_entry + 3 * 3000 * 8
+    assert 1 <= len(encoder._features) <= 3
+    # An entry still in the cache is a hit (the same object), an evicted one is encoded again.
+    last = audio_part("main", 0.7, 1.7)
+    assert encoder.encode_audio_part(last, resolvers[0]) is encoder.encode_audio_part(last, resolvers[0])

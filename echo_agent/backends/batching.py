@@ -68,6 +68,8 @@ class _Row:
 class _StopCache:
     """`StopStringCriteria` preprocesses the whole vocabulary; build it once per set of stop strings."""
 
+    MAX_ENTRIES = 32
+
     def __init__(self) -> None:
         self._by_stops: dict[tuple[str, ...], StopStringCriteria] = {}
 
@@ -76,6 +78,8 @@ class _StopCache:
             return None
         key = tuple(stops)
         if key not in self._by_stops:
+            if len(self._by_stops) >= self.MAX_ENTRIES:  # stop strings come from requests: keep the memory bounded
+                self._by_stops.pop(next(iter(self._by_stops)))
             self._by_stops[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
         return self._by_stops[key]
 

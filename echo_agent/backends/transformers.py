@@ -218,13 +218,21 @@ class PromptEncoder:
     Shared by the backend (generation) and the trainers (SFT, GRPO), so training sees exactly the
     token layout that inference produces. Audio features are cached per (clip hash, span)."""
 
-    def __init__(self, processor: Any, feature_cache_size: int = 256) -> None:
+    def __init__(self, processor: Any, feature_cache_size: int = 256, feature_cache_bytes: int = 64 << 20) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family: AudioFamily = processor_family(processor)
         self.sample_rate = int(processor.feature_extractor.sampling_rate)
         self._features: OrderedDict[tuple[str, float | None, float | None], EncodedAudio] = OrderedDict()
         self._cache_size = feature_cache_size
+        # Bounded by bytes too: a Qwen2-Audio entry is 128 x 3000 floats (1.5 MB) whatever the slice, so 256
+        # entries after a few long clips held ~400 MB of a server's memory.
+        self._cache_bytes = feature_cache_bytes
+        self._cached_bytes = 0
+
+    @staticmethod
+    def _nbytes(enc: EncodedAudio) -> int:
+        return enc.features.nbytes + enc.feature_mask.nbytes
 
     def encode_audio_part(self, part: AudioPart, audio: AudioResolver) -> EncodedAudio:
         key = (audio.ref(part).sha256, part["start"], part["end"])
@@ -234,8 +242,12 @@ class PromptEncoder:
             return hit
         enc = encode_audio_placeholder(self.processor, audio.samples(part, self.sample_rate), self.sample_rate)
         self._features[key] = enc
-        if len(self._features) > self._cache_size:
-            self._features.popitem(last=False)
+        self._cached_bytes += self._nbytes(enc)
+        while len(self._features) > 1 and (
+            len(self._features) > self._cache_size or self._cached_bytes > self._cache_bytes
+        ):
+            _, old = self._features.popitem(last=False)
+            self._cached_bytes -= self._nbytes(old)
         return enc
 
     def encode_text(self, text: str) -> list[int]:
