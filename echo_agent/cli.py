@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     ev.add_argument("--out", default=None, help="report JSON; predictions and resumable partial results beside it")
     ev.add_argument("--concurrency", type=int, default=1, help="questions in flight at once (default: %(default)s)")
+    ev.add_argument("--mmar-predictions", default=None, metavar="P.jsonl",
+                    help="also write MMAR-format predictions (answer_prediction) for MMAR's scorer; open questions "
+                    "are left out")  # fmt: skip
     _add_model_args(ev)
 
     col = sub.add_parser("collect", help="record K trajectories per item for RL (resumable JSON lines)")
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--domains", nargs="+", default=None, choices=("speech", "music", "sound"))
     suite.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", help="a subset of categories")
     suite.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+
+    mmar = data_sub.add_parser("mmar", help="a suite (or any MMAU/MMAR) file as MMAR JSON lines (MCQ items only)")
+    mmar.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
+    mmar.add_argument("--out", required=True, help="the MMAR .jsonl to write; its audio paths are relative to it")
 
     verl = data_sub.add_parser("verl", help="a benchmark file as verl's parquet rows (GRPO on verl, docs/verl.md)")
     verl.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
@@ -551,14 +558,21 @@ async def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_out(out, items)
+    mmar_out = Path(args.mmar_predictions) if args.mmar_predictions else None
+    if mmar_out is not None and mmar_out.resolve() == Path(args.data).resolve():
+        raise ConfigError(f"--mmar-predictions {mmar_out} would overwrite the data file")
 
     from .agent import EchoAgent
     from .graphs.runner import batched
 
-    # Concurrent questions share the model's decode steps (a local model; a server batches itself).
-    agent = EchoAgent(batched(_backend(args)) if args.concurrency > 1 else _backend(args), config=config)
+    # Concurrent questions share the model's decode steps (a local model; a server batches itself). Threads
+    # keep their conversation in graph checkpoints, in memory for this run only.
+    backend = batched(_backend(args)) if args.concurrency > 1 else _backend(args)
+    agent = EchoAgent(backend, config=config, checkpointer=_thread_saver(items))
     try:
-        report = await evaluate(agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True)
+        report = await evaluate(
+            agent, items, out=out, limit=args.limit, concurrency=args.concurrency, progress=True, mmar_out=mmar_out
+        )
     except BaseException:  # a full disk, Ctrl-C: stop the decoder before exiting
         await _stop_background()
         raise
@@ -585,9 +599,32 @@ async def _eval(args: argparse.Namespace) -> int:
         console.print(f"[red]error[/] {escape(failure['id'])}: {escape(failure['error'])}")
     if len(report.failed) > 5:
         console.print(f"[red]... and {len(report.failed) - 5} more errors (see the report)[/]")
+    if report.by_turn:
+        turns = " · ".join(f"turn {t} {100 * sc.accuracy:.1f}% (n {sc.n})" for t, sc in report.by_turn.items())
+        console.print(f"threads: {turns}")
+    if report.by_domain:
+        domains = report.by_domain.items()
+        console.print(" · ".join(f"{escape(d)} {100 * sc.accuracy:.1f}% (n {sc.n})" for d, sc in domains))
     if out is not None:
         console.print(f"report: {escape(str(out))}\npredictions: {escape(str(report.predictions))}")
+    if report.mmar_predictions is not None:
+        from .mmar import exportable
+
+        _, n_open, n_after = exportable(items[: args.limit] if args.limit else items)
+        left_out = f" ({n_open} open questions and {n_after} later thread turns left out)" if n_open or n_after else ""
+        console.print(f"MMAR predictions: {escape(report.mmar_predictions)}{left_out}")
     return 0
+
+
+def _thread_saver(items: Sequence[Any]) -> Any:
+    """An in-memory checkpointer when the data has threads (their turns share a graph thread), else None."""
+    from .graphs.runner import has_threads
+
+    if not has_threads(items):
+        return None
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    return InMemorySaver()
 
 
 async def _collect(args: argparse.Namespace) -> int:
@@ -622,7 +659,7 @@ async def _collect(args: argparse.Namespace) -> int:
     )
     if not isinstance(backend, TransformersBackend):
         raise ConfigError("collect needs a local transformers model")
-    agent = EchoAgent(batched(backend, args.max_batch), config=config)
+    agent = EchoAgent(batched(backend, args.max_batch), config=config, checkpointer=_thread_saver(items))
     try:
         summary = await collect(
             agent, items, samples=args.samples, out=out, seed=args.seed, limit=args.limit,
@@ -733,6 +770,26 @@ def _data_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_mmar(args: argparse.Namespace) -> int:
+    from .benchmarks import load_benchmark
+    from .mmar import write_mmar
+
+    items = load_benchmark(args.data)
+    out = Path(args.out)
+    if out.resolve() == Path(args.data).resolve():
+        raise ConfigError(f"--out {out} would overwrite the data file")
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'mmar.jsonl'}")
+    done = write_mmar(items, out)
+    print(
+        f"{done.written} MMAR records: {out} (left out: {done.skipped_open} open questions, "
+        f"{done.skipped_after_open} later turns of threads with an open turn)",
+        file=sys.stderr,
+    )
+    print(out)
+    return 0
+
+
 def _data_verl(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -838,6 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data_synth(args)
         if args.command == "data" and args.data_command == "suite":
             return _data_suite(args)
+        if args.command == "data" and args.data_command == "mmar":
+            return _data_mmar(args)
         if args.command == "data" and args.data_command == "verl":
             return _data_verl(args)
         if args.command == "train" and args.train_command == "audio":

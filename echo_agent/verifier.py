@@ -15,6 +15,9 @@ with two additions: an answer equal to a choice (case-insensitive) selects that 
 is only selected when it is the unique match. Unlike the paper's inference script we never fall back to
 ``choices[0]``: an unparseable answer is wrong.
 
+Open questions (no choices, a gold answer) are judged by the normalising matcher `echo_agent.matching.open_match`
+with the item's `answer_kind` (number, word, time, duration, span; inferred from the gold when not given).
+
 Everything here takes model-made text, so no function raises on any string input.
 """
 
@@ -24,6 +27,8 @@ import re
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from .matching import open_match
 
 __all__ = [
     "RewardTerms",
@@ -193,9 +198,13 @@ def extract_answer(text: str) -> str | None:
     return bodies[0].strip() if bodies else None
 
 
-def _is_correct(answer: str | None, choice: str | None, gold: str | None, choices: Sequence[str]) -> bool | None:
+def _is_correct(
+    answer: str | None, choice: str | None, gold: str | None, choices: Sequence[str], answer_kind: str | None
+) -> bool | None:
     if gold is None:
         return None
+    if not choices:  # an open question: the answer itself is matched against the gold
+        return answer is not None and open_match(gold, answer, answer_kind)
     if answer is None or choice is None:
         return False
     gold_key = _norm(gold)
@@ -212,11 +221,14 @@ def verify(
     gold: str | None,
     valid_listens: int,
     weights: RewardWeights | None = None,
+    answer_kind: str | None = None,
 ) -> Verdict:
     """Judge one finished assistant response and compute its reward.
 
     `valid_listens` is the number of listens that actually injected audio (counted by the rollout).
-    With `gold=None` (inference) `correct` is None and accuracy/segment terms are 0.
+    With `gold=None` (inference) `correct` is None and accuracy/segment terms are 0. With no `choices` the
+    question is open: `answer_kind` (number | word | time | duration | span; None or "choice": inferred from
+    `gold`) says how `open_match` compares the answer with `gold`.
     """
     w = weights if weights is not None else RewardWeights.paper()
     answers = _tag_bodies(text, "answer", limit=2)
@@ -225,7 +237,7 @@ def verify(
     format_ok = n_think == 1 and len(answers) == 1 and bool(answer)
 
     choice = select_choice(answer, choices) if answer else None
-    correct = _is_correct(answer, choice, gold, choices)
+    correct = _is_correct(answer, choice, gold, choices, answer_kind)
     listens = max(0, valid_listens)
     breaks = count_consistency_breaks(text)
 

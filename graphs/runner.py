@@ -9,7 +9,15 @@ It owns what every batch caller needs alike:
 - errors as records: a run whose input is bad (missing or undecodable audio, a bad clip) ends as an outcome
   with its error, never as an exception that stops the others;
 - the full final state of each run (the conversation, token ids, log-probs), which the graph's narrow output
-  schema leaves out.
+  schema leaves out;
+- threads: the jobs of one conversation (items sharing a `thread`, one sample of them) run strictly in turn
+  order in one persistent graph thread, `thread_id = f"{thread}#{sample}"`, while other threads and single
+  items run concurrently. The first distinct audio of a thread is clip "main", later new ones "clip2", ...
+  (`chat.next_clip_name`), and each turn's `active_clip` is its own clip (the chat `/load` case). Threads need
+  a graph with a checkpointer (`EchoAgent(..., checkpointer=InMemorySaver())`); a thread is started afresh
+  (its old checkpoints deleted) every time it runs and its checkpoints are deleted when it ends (each
+  outcome holds its full state), and a turn that errors ends its thread: the later turns become errors too,
+  as they would be asked without their context. On such a graph a single item runs in a throwaway thread.
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, get_type_hints
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..benchmarks import BenchItem
+from ..chat import next_clip_name
 from ..config import SamplingParams
 from ..errors import ConfigError, EchoError
 from .state import EchoContext, EchoState, new_question
@@ -60,6 +71,11 @@ class RunJob(BaseModel):
     def id(self) -> str:
         return run_id(self.item.id, self.sample)
 
+    @property
+    def thread_id(self) -> str | None:
+        """'<thread>#<sample>': the graph thread this job's conversation runs in; None for a single item."""
+        return None if self.item.thread is None else f"{self.item.thread}#{self.sample}"
+
 
 def jobs(items: Sequence[BenchItem], samples: int = 1, seed: int = 0) -> list[RunJob]:
     """`samples` runs of every item, each with its own seed."""
@@ -92,18 +108,123 @@ def batched(backend: ModelBackend, max_batch: int = 32) -> ModelBackend:
     return BatchingBackend(backend, max_batch=max_batch)
 
 
-async def run_one(agent: EchoAgent, job: RunJob, sampling: SamplingParams | None = None) -> RunOutcome:
-    """Run the graph once for `job`; bad input becomes the outcome's error."""
+def has_threads(items: Sequence[BenchItem]) -> bool:
+    """Whether any item is a thread turn (then the agent needs a checkpointer: `InMemorySaver` will do)."""
+    return any(item.thread is not None for item in items)
+
+
+def whole_threads(todo: Sequence[RunJob], done: Collection[str]) -> list[RunJob]:
+    """What a resumed run must do: the jobs of `todo` whose ids are not in `done`, plus every job of each
+    thread that is not done completely (its graph state is gone, so the whole conversation runs again)."""
+    unfinished = {job.thread_id for job in todo if job.thread_id is not None and job.id not in done}
+    return [job for job in todo if job.id not in done or job.thread_id in unfinished]
+
+
+def _units(todo: Sequence[RunJob]) -> list[list[RunJob]]:
+    """The jobs as units of work: a single job, or a thread's jobs in turn order (turns 0..n-1, no gap)."""
+    units: list[list[RunJob]] = []
+    threads: dict[str, list[RunJob]] = {}
+    for job in todo:
+        tid = job.thread_id
+        if tid is None:
+            units.append([job])
+        elif tid in threads:
+            threads[tid].append(job)
+        else:
+            threads[tid] = [job]
+            units.append(threads[tid])
+    for tid, turns in threads.items():
+        turns.sort(key=lambda j: j.item.turn)
+        if [j.item.turn for j in turns] != list(range(len(turns))):
+            have = ", ".join(str(j.item.turn) for j in turns)
+            raise ConfigError(f"thread {tid}: its jobs must be turns 0, 1, ... without gaps or repeats, got {have}")
+    return units
+
+
+async def run_one(
+    agent: EchoAgent,
+    job: RunJob,
+    sampling: SamplingParams | None = None,
+    *,
+    clip_names: dict[str, str] | None = None,
+) -> RunOutcome:
+    """Run the graph once for `job`; bad input becomes the outcome's error.
+
+    A thread turn (`job.thread_id` set) runs in that graph thread; `clip_names` (audio sha256 -> clip id) is the
+    thread's clips so far, updated here, so a new audio becomes the next clip (`chat.next_clip_name`)."""
     t0 = time.perf_counter()
     base = sampling or agent.config.sampling
     context = EchoContext(sampling=base.model_copy(update={"seed": job.seed}))
+    item = job.item
+    kind = None if item.answer_kind == "choice" else item.answer_kind
+    config: RunnableConfig = {}
+    saver = _checkpointer(agent)
+    scratch: str | None = None  # a single item on a graph with a checkpointer: a throwaway thread
     try:
-        ref = await asyncio.to_thread(agent.load, job.item.audio)
-        inputs = new_question(job.item.question, {"main": ref.model_dump()}, job.item.choices, job.item.answer)
-        state = await agent.graph.ainvoke(inputs, context=context, output_keys=STATE_KEYS)
+        ref = await asyncio.to_thread(agent.load, item.audio)
+        if job.thread_id is None:
+            clip, active = "main", None
+            if saver is not None:
+                scratch = f"single:{job.id}"
+                config = {"configurable": {"thread_id": scratch}}
+                await saver.adelete_thread(scratch)
+        else:
+            names = clip_names if clip_names is not None else {}
+            clip = names.setdefault(ref.sha256, next_clip_name(names.values()))
+            active = clip
+            config = {"configurable": {"thread_id": job.thread_id}}
+        inputs = new_question(
+            item.question, {clip: ref.model_dump()}, item.choices, item.answer, active_clip=active, answer_kind=kind
+        )
+        state = await agent.graph.ainvoke(inputs, config, context=context, output_keys=STATE_KEYS)
     except EchoError as err:
         return RunOutcome(job, None, f"{type(err).__name__}: {err}", round(time.perf_counter() - t0, 4))
+    finally:
+        if scratch is not None and saver is not None:
+            await saver.adelete_thread(scratch)  # the outcome holds the state; the checkpoints would only pile up
     return RunOutcome(job, dict(state), None, round(time.perf_counter() - t0, 4))
+
+
+def _checkpointer(agent: EchoAgent) -> BaseCheckpointSaver[Any] | None:
+    saver = getattr(agent.graph, "checkpointer", None)
+    return saver if isinstance(saver, BaseCheckpointSaver) else None
+
+
+async def run_thread(
+    agent: EchoAgent,
+    turns: Sequence[RunJob],
+    sampling: SamplingParams | None = None,
+    sem: asyncio.Semaphore | None = None,
+) -> AsyncIterator[RunOutcome]:
+    """Run one thread's jobs (turns 0..n-1 of one sample) in order in one graph thread; yield each outcome.
+
+    The thread starts afresh: its old checkpoints (a previous run of the same thread) are deleted first. After
+    a turn that errors, the later turns are not asked: each becomes an error naming the failed turn. `sem`
+    bounds the runs in flight, one slot per turn."""
+    saver = _checkpointer(agent)
+    if saver is None:
+        raise ConfigError("thread items need an agent whose graph has a checkpointer (e.g. InMemorySaver)")
+    tid = turns[0].thread_id
+    if tid is None or any(j.thread_id != tid for j in turns):
+        raise ConfigError("run_thread takes the jobs of one thread and one sample")
+    await saver.adelete_thread(tid)
+    names: dict[str, str] = {}
+    failed: str | None = None
+    try:
+        for job in turns:
+            if failed is not None:
+                yield RunOutcome(job, None, f"ThreadError: not asked: {failed}", 0.0)
+                continue
+            if sem is None:
+                outcome = await run_one(agent, job, sampling, clip_names=names)
+            else:
+                async with sem:
+                    outcome = await run_one(agent, job, sampling, clip_names=names)
+            if outcome.error is not None:
+                failed = f"turn {job.item.turn} ({job.item.id}) of thread {tid} failed: {outcome.error}"
+            yield outcome
+    finally:
+        await saver.adelete_thread(tid)  # every turn's outcome holds its state; free the checkpoints
 
 
 async def run_jobs(
@@ -115,20 +236,40 @@ async def run_jobs(
     progress: str | None = None,
 ) -> AsyncIterator[RunOutcome]:
     """Run every job, at most `concurrency` at once; yield outcomes as they finish. `sampling` (default: the
-    agent config's) is used with each job's seed. `progress` labels a progress bar on stderr."""
+    agent config's) is used with each job's seed. `progress` labels a progress bar on stderr.
+
+    The jobs of a thread run in turn order in one graph thread (`run_thread`); they must be turns 0..n-1 of it
+    and the agent's graph needs a checkpointer (else `ConfigError`, before anything runs)."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+    units = _units(todo)
+    if any(unit[0].thread_id is not None for unit in units) and _checkpointer(agent) is None:
+        raise ConfigError(
+            "thread items need an agent whose graph has a checkpointer: "
+            "EchoAgent(..., checkpointer=langgraph.checkpoint.memory.InMemorySaver())"
+        )
     sem = asyncio.Semaphore(concurrency)
+    finished: asyncio.Queue[RunOutcome | Exception] = asyncio.Queue()
 
-    async def run(job: RunJob) -> RunOutcome:
-        async with sem:
-            return await run_one(agent, job, sampling)
+    async def run(unit: list[RunJob]) -> None:
+        try:
+            if unit[0].thread_id is None:
+                async with sem:
+                    await finished.put(await run_one(agent, unit[0], sampling))
+            else:
+                async for outcome in run_thread(agent, unit, sampling, sem):
+                    await finished.put(outcome)
+        except Exception as err:  # a bug or a backend failure: re-raised to the caller, as before
+            await finished.put(err)
 
-    tasks = [asyncio.create_task(run(job)) for job in todo]
+    tasks = [asyncio.create_task(run(unit)) for unit in units]
     try:
-        with progress_bar(progress, len(tasks)) as advance:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
+        with progress_bar(progress, len(todo)) as advance:
+            for _ in range(len(todo)):
+                got = await finished.get()
+                if isinstance(got, Exception):
+                    raise got
+                yield got
                 advance()
     finally:
         for t in tasks:
@@ -170,11 +311,14 @@ __all__ = [
     "RunOutcome",
     "accuracy",
     "batched",
+    "has_threads",
     "jobs",
     "progress_bar",
     "run_all",
     "run_id",
     "run_jobs",
     "run_one",
+    "run_thread",
     "sample_seed",
+    "whole_threads",
 ]

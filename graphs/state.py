@@ -28,6 +28,9 @@ class EchoInput(TypedDict):
     question: str
     choices: NotRequired[list[str]]
     gold: NotRequired[str | None]  # known answer, for scoring (eval, RL); never shown to the model
+    # How an open answer (no choices) is matched to `gold` (`echo_agent.matching`): number | word | time |
+    # duration | span; None: inferred from the gold. Never shown to the model.
+    answer_kind: NotRequired[str | None]
     # Which clip plain <seg> tags refer to. None: the clip the question is about, the first clip unless the
     # question names another by its id (`steps.question_clip`).
     active_clip: NotRequired[str | None]
@@ -76,6 +79,7 @@ def new_question(
     choices: list[str] | None = None,
     gold: str | None = None,
     active_clip: str | None = None,
+    answer_kind: str | None = None,
 ) -> EchoInput:
     """Build a graph input. `clips` may be omitted in a chat thread that already has them."""
     # Every per-question key is always set: in a chat thread, absent keys would keep the last question's values.
@@ -85,4 +89,5 @@ def new_question(
         "choices": list(choices or []),
         "gold": gold,
         "active_clip": active_clip,
+        "answer_kind": answer_kind,
     }

@@ -166,7 +166,9 @@ def judge(state: State, config: AgentConfig) -> tuple[dict[str, Any], Verdict]:
     and another attempt while retries and model calls remain (status "retry"); else the verdict is final."""
     text = response_text(state["conversation"], state["attempt_start"])
     valid = sum(1 for call in state["listens"] if call["valid"])
-    verdict = verify(text, state.get("choices") or [], state.get("gold"), valid, config.reward)
+    verdict = verify(
+        text, state.get("choices") or [], state.get("gold"), valid, config.reward, state.get("answer_kind")
+    )
     can_retry = state["retries"] < config.max_retries and state["model_calls"] < config.max_model_calls
     if verdict.retry_reason is not None and can_retry:
         nudge: Message = {"role": "user", "content": [text_part(RETRY_NUDGE[verdict.retry_reason], "runtime")]}

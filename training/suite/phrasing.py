@@ -155,13 +155,20 @@ CHOICE_FORMATS: dict[str, dict[str, tuple[PhrasingSplit, ChoiceFormat]]] = {
     "count": {
         "c_count_digit": ("train", lambda v: str(int(v))),  # type: ignore[call-overload]
         "c_count_word": ("train", lambda v: number_word(int(v))),  # type: ignore[call-overload]
-        "c_count_times": ("heldout", lambda v: f"{int(v)} times"),  # type: ignore[call-overload]
+        "c_count_times": ("heldout", lambda v: f"{int(v)} time" + ("" if int(v) == 1 else "s")),  # type: ignore[call-overload]
     },
-    # words: digits, words, instruments, sound names, yes/no
+    # names of things: instruments, sound sources ("the flute" reads naturally)
     "word": {
         "c_word_plain": ("train", lambda v: str(v)),
         "c_word_title": ("train", lambda v: str(v).capitalize()),
         "c_word_the": ("heldout", lambda v: f"the {v}"),
+    },
+    # other one-word answers: digits, spoken words, yes/no, rising/falling, higher/lower
+    "label": {
+        "c_label_plain": ("train", lambda v: str(v)),
+        "c_label_title": ("train", lambda v: str(v).capitalize()),
+        "c_label_upper": ("heldout", lambda v: str(v).upper()),
+        "c_label_quoted": ("heldout", lambda v: f'"{v}"'),
     },
 }
 """Choice formats per value kind: kind -> id -> (split, writer)."""
