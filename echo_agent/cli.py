@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--domains", nargs="+", default=None, choices=("speech", "music", "sound"))
     suite.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY", help="a subset of categories")
     suite.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    suite.add_argument("--audio-format", choices=("wav", "flac"), default="wav",
+                       help="16-bit PCM either way; FLAC is lossless at ~60%% of the size (default: wav)")  # fmt: skip
 
     mmar = data_sub.add_parser("mmar", help="a suite (or any MMAU/MMAR) file as MMAR JSON lines (MCQ items only)")
     mmar.add_argument("data", help="MMAU (.json) or MMAR (.jsonl) data file; audio paths are relative to it")
@@ -762,7 +764,7 @@ def _data_suite(args: argparse.Namespace) -> int:
         paths = []
         for spec, n, seed in todo:
             try:
-                paths.append(write_split(out, spec, n, seed, workers=args.workers))
+                paths.append(write_split(out, spec, n, seed, workers=args.workers, audio_format=args.audio_format))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
     for path in paths:

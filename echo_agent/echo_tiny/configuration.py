@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from transformers import PretrainedConfig, Qwen2Config
+
+AudioEncoderKind = Literal["conv", "whisper-tiny.en"]
+WHISPER_N_MELS = 80  # Whisper tiny.en's log-mel bins
 
 
 class EchoTinyConfig(PretrainedConfig):
@@ -19,6 +22,13 @@ class EchoTinyConfig(PretrainedConfig):
     over equal fractions of the input's duration). The whole clip is therefore heard
     coarsely and a short re-listened slice finely: the information bottleneck re-listening breaks.
     The text side is a Qwen2 decoder (`text_config`).
+
+    `audio_encoder` picks what hears the frames (echo-tiny 2, issue 16):
+    - "conv" (echo-tiny, the shipped model): 64-bin log-mel, two stride-2 convolutions trained from scratch;
+    - "whisper-tiny.en": Whisper's 80-bin log-mel on the input's own frames, the frozen Whisper tiny.en encoder
+      (50 frames/s, 384-d; 30 s windows for longer inputs), then a trained Linear 384 -> `audio_hidden_size`
+      and the same pooling, transformer, queries and time bins. The encoder's weights are not part of the model's
+      own weights: they come from the package asset, whose sha256 `audio_encoder_sha256` records.
     """
 
     model_type = "echo_tiny"
@@ -38,6 +48,8 @@ class EchoTinyConfig(PretrainedConfig):
         audio_token_id: int = 0,
         audio_bos_token_id: int = 0,
         audio_eos_token_id: int = 0,
+        audio_encoder: AudioEncoderKind = "conv",
+        audio_encoder_sha256: str | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -56,6 +68,12 @@ class EchoTinyConfig(PretrainedConfig):
         self.audio_token_id = audio_token_id
         self.audio_bos_token_id = audio_bos_token_id
         self.audio_eos_token_id = audio_eos_token_id
+        if audio_encoder not in get_args(AudioEncoderKind):
+            raise ValueError(f"audio_encoder must be one of {get_args(AudioEncoderKind)}, got {audio_encoder!r}")
+        if audio_encoder != "conv" and n_mels != WHISPER_N_MELS:
+            raise ValueError(f"audio_encoder {audio_encoder!r} hears {WHISPER_N_MELS} mel bins, got n_mels={n_mels}")
+        self.audio_encoder = audio_encoder
+        self.audio_encoder_sha256 = audio_encoder_sha256
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 

@@ -1,7 +1,8 @@
 """A fresh, untrained echo-tiny: a tokenizer trained on a corpus, then the model and its processor.
 
 `EchoTinySizes` holds the knobs; the trainers' configs subclass it, so a run's saved config says how
-big its model was.
+big its model was. `new_echo_tiny(..., audio_encoder="whisper-tiny.en")` builds echo-tiny 2 (the frozen Whisper
+tiny.en encoder and a trained projector; `ECHO_TINY2_SIZES` are its default sizes).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from .configuration import EchoTinyConfig
+from .audio import encoder_asset_sha256
+from .configuration import WHISPER_N_MELS, AudioEncoderKind, EchoTinyConfig
 from .modeling import EchoTinyForConditionalGeneration
 from .processing import SPECIAL_TOKENS, EchoTinyFeatureExtractor, EchoTinyProcessor, train_tokenizer
 
@@ -52,12 +54,27 @@ class EchoTinySizes(BaseModel):
         return self
 
 
+# echo-tiny 2's default sizes. The decoder is wider than echo-tiny's (256 vs 128, 4 layers vs 3; ~3.2 M parameters):
+# real speech, music and sound, a phrasing bank and threads ask more of it than synthetic tones did.
+# The audio budget stays echo-tiny's 32 tokens of which 16 are time bins: the bins are what made counting work,
+# and 16 bins over a re-listened 2 s slice are 125 ms each (two per beat at 240 bpm), over a 30 s clip ~2 s each
+# (coarse on purpose: the bottleneck re-listening breaks). 8 bins would halve that detail for 8 prompt tokens per
+# input: three inputs (the clip, two re-listens) cost 96 prompt tokens instead of 72, a small share of a prompt.
+# The projector is 256 wide, 2 layers, 4 heads (~2 M parameters).
+ECHO_TINY2_SIZES = EchoTinySizes(
+    vocab_size=1024, hidden_size=256, layers=4, heads=4, intermediate_size=768,
+    audio_hidden_size=256, audio_layers=2, audio_tokens=32, audio_time_tokens=16,
+)  # fmt: skip
+
+
 def new_echo_tiny(
-    sizes: EchoTinySizes, corpus: Sequence[str], seed: int = 0
+    sizes: EchoTinySizes, corpus: Sequence[str], seed: int = 0, audio_encoder: AudioEncoderKind = "conv"
 ) -> tuple[EchoTinyForConditionalGeneration, EchoTinyProcessor]:
     """A fresh echo-tiny: a tokenizer trained on the corpus, then the model (initialised under `seed`) and processor.
 
-    Same sizes, corpus and seed give the same tokenizer and the same weights."""
+    `audio_encoder="whisper-tiny.en"` gives echo-tiny 2: Whisper's log-mel, the frozen encoder from the package asset
+    (its sha256 recorded in the config) and a trained projector of `sizes.audio_*`. Same sizes, corpus, seed and
+    encoder give the same tokenizer and the same weights."""
     tok = train_tokenizer(corpus, sizes.vocab_size)
     names = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_end|>")
     ids: dict[str, int] = {}
@@ -66,6 +83,8 @@ def new_echo_tiny(
         if not isinstance(token_id, int):  # one token in, one id out; the check is for the type checker
             raise TypeError(f"{name}: expected one token id, got {token_id!r}")
         ids[name] = token_id
+    whisper = audio_encoder != "conv"
+    default_mels = EchoTinyConfig().n_mels
     config = EchoTinyConfig(
         text_config={
             "vocab_size": len(tok), "hidden_size": sizes.hidden_size, "intermediate_size": sizes.intermediate_size,
@@ -76,11 +95,14 @@ def new_echo_tiny(
         audio_hidden_size=sizes.audio_hidden_size, audio_layers=sizes.audio_layers, audio_tokens=sizes.audio_tokens,
         audio_time_tokens=sizes.audio_time_tokens, audio_token_id=ids["<|AUDIO|>"],
         audio_bos_token_id=ids["<|audio_bos|>"], audio_eos_token_id=ids["<|audio_eos|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
+        eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id, audio_encoder=audio_encoder,
+        n_mels=WHISPER_N_MELS if whisper else default_mels,
+        audio_encoder_sha256=encoder_asset_sha256() if whisper else None,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = EchoTinyForConditionalGeneration(config)
     model.generation_config.eos_token_id = [ids["<|im_end|>"]]
     model.generation_config.pad_token_id = tok.pad_token_id
-    processor = EchoTinyProcessor(EchoTinyFeatureExtractor(n_mels=config.n_mels), tok, audio_tokens=sizes.audio_tokens)
+    features = EchoTinyFeatureExtractor.whisper() if whisper else EchoTinyFeatureExtractor(n_mels=config.n_mels)
+    processor = EchoTinyProcessor(features, tok, audio_tokens=sizes.audio_tokens)
     return model, processor

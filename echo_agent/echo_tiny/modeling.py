@@ -2,94 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .audio import FRAME_RATE, EchoTinyAudioEncoder, EchoTinyWhisperAudio, TensorCache, features_key, time_embedding
 from .configuration import EchoTinyConfig
 
-FRAME_RATE = 25.0  # encoder frames per second after the two stride-2 convolutions (10 ms mel hop)
-_AUDIO_CACHE_SIZE = 512  # encoded inputs kept at inference (~25 KB each at the shipped size)
+__all__ = ["FRAME_RATE", "EchoTinyAudioEncoder", "EchoTinyForConditionalGeneration", "time_embedding"]
 
-
-def time_embedding(seconds: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of absolute time in seconds (periods from 40 ms to ~2 min)."""
-    half = dim // 2
-    periods = torch.logspace(math.log10(0.04), math.log10(128.0), half, device=seconds.device)
-    angles = 2 * math.pi * seconds.unsqueeze(-1) / periods
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-class EchoTinyAudioEncoder(nn.Module):
-    def __init__(self, config: EchoTinyConfig) -> None:
-        super().__init__()
-        d = config.audio_hidden_size
-        self.max_positions = config.max_audio_positions
-        self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        layer = nn.TransformerEncoderLayer(
-            d, config.audio_heads, dim_feedforward=4 * d, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.layers = nn.TransformerEncoder(layer, config.audio_layers, enable_nested_tensor=False)
-        # The time embedding starts small so it does not drown the convolutions' output.
-        self.time_scale = nn.Parameter(torch.tensor(0.1))
-        # Time bins count where queries cannot: a softmax-pooled query averages the frames it attends
-        # to, so it reads "beeps are here" but loses how many; a bin's mean keeps each beep local.
-        self.time_tokens = getattr(config, "audio_time_tokens", 0)
-        self.queries = nn.Parameter(torch.randn(config.audio_tokens - self.time_tokens, d) * 0.02)
-        if self.time_tokens:
-            self.bin_embed = nn.Parameter(torch.randn(self.time_tokens, d) * 0.02)
-        self.pool = nn.MultiheadAttention(d, config.audio_heads, batch_first=True)
-        self.norm = nn.LayerNorm(d)
-        self.proj = nn.Linear(d, config.text_config.hidden_size)
-
-    def forward(self, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
-        """features (n, mels, T), feature_mask (n, T) -> (n, audio_tokens, hidden)."""
-        # Inputs longer than the position budget are average-pooled over time *before* the
-        # convolutions (4 mel frames per encoder frame): the coarse whole-clip view, at a fixed cost.
-        budget = 4 * self.max_positions
-        lengths = feature_mask.sum(-1).clamp(min=1).tolist()
-        rows, steps = [], []
-        for i, n in enumerate(lengths):
-            xi = features[i, :, : int(n)]
-            step = 4 / (FRAME_RATE * 4)  # seconds per encoder frame at full resolution (40 ms)
-            if xi.shape[-1] > budget:
-                step = xi.shape[-1] / (FRAME_RATE * 4) / self.max_positions
-                xi = F.adaptive_avg_pool1d(xi.unsqueeze(0), budget).squeeze(0)
-            rows.append(xi)
-            steps.append(step)
-        width = max(r.shape[-1] for r in rows)
-        x = features.new_zeros(len(rows), features.shape[1], width)
-        for i, r in enumerate(rows):
-            x[i, :, : r.shape[-1]] = r
-        x = F.gelu(self.conv1(x))
-        # Zero conv1's outputs past each row's end, as a row encoded alone sees (conv2's zero padding):
-        # otherwise a padded row's last frame would depend on what it was batched with.
-        half = torch.tensor([(r.shape[-1] - 1) // 2 + 1 for r in rows], device=x.device)
-        x = x * (torch.arange(x.shape[-1], device=x.device).unsqueeze(0) < half.unsqueeze(1)).unsqueeze(1)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (n, frames, d)
-        frames = torch.tensor([(r.shape[-1] - 1) // 4 + 1 for r in rows], device=x.device)
-        index = torch.arange(x.shape[1], device=x.device)
-        pad = index.unsqueeze(0) >= frames.unsqueeze(1)
-        times = (index.unsqueeze(0) + 0.5) * torch.tensor(steps, device=x.device, dtype=x.dtype).unsqueeze(1)
-        h = x + self.time_scale * time_embedding(times, x.shape[-1]).to(x.dtype)  # bf16/fp16 models too
-        h = self.layers(h, src_key_padding_mask=pad)
-        q = self.queries.unsqueeze(0).expand(h.shape[0], -1, -1)
-        pooled, _ = self.pool(q, h, h, key_padding_mask=pad, need_weights=False)
-        tokens = pooled + q
-        if self.time_tokens:
-            valid = [h[i, : int(f)].T.unsqueeze(0) for i, f in enumerate(frames)]
-            bins = torch.stack([F.adaptive_avg_pool1d(v, self.time_tokens)[0].T for v in valid])
-            tokens = torch.cat([tokens, bins + self.bin_embed], dim=1)
-        out: torch.Tensor = self.proj(self.norm(tokens))
-        return out
+# Encoded inputs kept at inference (audio_tokens x decoder width floats: 16 KB each for the shipped echo-tiny, 32 KB
+# for echo-tiny 2's default), bounded by bytes too so a wider decoder cannot make the cache large.
+_AUDIO_CACHE_SIZE = 512
+_AUDIO_CACHE_BYTES = 32 << 20
 
 
 class EchoTinyPreTrainedModel(PreTrainedModel):
@@ -105,7 +33,11 @@ class EchoTinyPreTrainedModel(PreTrainedModel):
 class EchoTinyForConditionalGeneration(EchoTinyPreTrainedModel, GenerationMixin):
     def __init__(self, config: EchoTinyConfig) -> None:
         super().__init__(config)
-        self.audio_encoder = EchoTinyAudioEncoder(config)
+        # "conv": echo-tiny's own encoder; "whisper-tiny.en": echo-tiny 2's projector over the frozen Whisper encoder.
+        audio: nn.Module = (
+            EchoTinyAudioEncoder(config) if config.audio_encoder == "conv" else EchoTinyWhisperAudio(config)
+        )
+        self.audio_encoder = audio
         self.language_model = Qwen2ForCausalLM(config.text_config)
         self.post_init()
 
@@ -130,24 +62,22 @@ class EchoTinyForConditionalGeneration(EchoTinyPreTrainedModel, GenerationMixin)
         (grad enabled) never uses it. A row's embedding does not depend on its batch (the encoder sees each row
         at its own length), so cached and fresh rows agree up to floating-point effects of batch shape."""
         versions = sum(p._version for p in self.audio_encoder.parameters())
-        cache: OrderedDict[bytes, torch.Tensor] = self.__dict__.setdefault("_audio_cache", OrderedDict())
+        cache: TensorCache = self.__dict__.setdefault("audio_cache", TensorCache(_AUDIO_CACHE_SIZE, _AUDIO_CACHE_BYTES))
         lengths = [int(n) for n in mask.sum(-1).tolist()]
-        keys = []
-        for i, n in enumerate(lengths):
-            h = hashlib.blake2b(features[i, :, :n].detach().float().cpu().numpy().tobytes(), digest_size=16)
-            h.update(f"{versions}:{features.dtype}:{features.device}".encode())
-            keys.append(h.digest())
-        missing = [i for i, k in enumerate(keys) if k not in cache]
+        # The Whisper path's frames depend on the dtype it runs in, which may differ from the weights'.
+        encoder_dtype = getattr(self.audio_encoder, "encoder_dtype", None)
+        tag = f"{versions}:{features.dtype}:{features.device}:{encoder_dtype}"
+        keys = [features_key(features[i, :, :n], tag) for i, n in enumerate(lengths)]
+        found = {k: v for k in dict.fromkeys(keys) if (v := cache.get(k)) is not None}
+        missing = [i for i, k in enumerate(keys) if k not in found]
         if missing:
             width = max(lengths[i] for i in missing)
             fresh = self.audio_embeddings(features[missing, :, :width], mask[missing, :width])
             for j, i in enumerate(missing):
-                cache[keys[i]] = fresh[j]
-        out = torch.stack([cache[k] for k in keys])
-        for k in keys:
-            cache.move_to_end(k)
-        while len(cache) > _AUDIO_CACHE_SIZE:
-            cache.popitem(last=False)
+                found.setdefault(keys[i], fresh[j].clone())  # its own storage, not a view of the batch
+        out = torch.stack([found[k] for k in keys])
+        for k in dict.fromkeys(keys):
+            cache.put(k, found[k])
         return out
 
     def forward(

@@ -11,6 +11,9 @@ loading through `AutoProcessor`/`AutoFeatureExtractor` and `apply_chat_template`
 Model directories written before that (a `processor_config.json` with the template under `template` and
 the feature extractor's settings without `feature_extractor_type`, as the shipped echo-tiny has) still load:
 the template is read from there, the feature extractor found through config.json's model type.
+
+echo-tiny 2 (`audio_encoder="whisper-tiny.en"`) uses the same classes with `EchoTinyFeatureExtractor(mel="whisper")`:
+Whisper's own 80-bin log-mel, computed on the input's real length (never padded to 30 s), per 30 s window.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
 from transformers import BatchFeature, PreTrainedTokenizerBase, PreTrainedTokenizerFast, ProcessorMixin
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+
+from ..whisper_encoder import DEFAULT_ENCODER_PATH, HOP, MIN_SAMPLES, WINDOW_SAMPLES
 
 AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS]
@@ -54,29 +59,85 @@ def _mel_transform(sampling_rate: int, n_fft: int, hop_length: int, n_mels: int)
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _whisper_features() -> Any:
+    # The encoder asset's own settings, so these are exactly the features `WhisperAudioEncoder.log_mel` computes.
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor.from_pretrained(DEFAULT_ENCODER_PATH)
+
+
+MelKind = Literal["echo", "whisper"]
+_WHISPER_SETTINGS = {"sampling_rate": 16000, "n_mels": 80, "n_fft": 400, "hop_length": HOP}
+
+
+def _windows(n_samples: int) -> list[tuple[int, int]]:
+    """The 30 s windows (start, end) that Whisper hears an input of `n_samples` in."""
+    return [(s, min(s + WINDOW_SAMPLES, n_samples)) for s in range(0, max(n_samples, 1), WINDOW_SAMPLES)]
+
+
 class EchoTinyFeatureExtractor(SequenceFeatureExtractor):
-    """Log-mel features at 100 frames/s (25 ms window, 10 ms hop), standardised on a fixed scale."""
+    """Log-mel features at 100 frames/s (25 ms window, 10 ms hop).
+
+    `mel="echo"` (echo-tiny): 64-bin log10 mel power standardised on a fixed scale, len // hop + 1 frames.
+    `mel="whisper"` (echo-tiny 2): Whisper's 80-bin log-mel of each 30 s window of the input on its own (len // 160
+    frames, a full window 3000), concatenated; inputs under 20 ms are zero-padded to 20 ms (Whisper's STFT needs it).
+    """
 
     model_input_names = ["input_features", "attention_mask"]
 
     def __init__(
-        self, sampling_rate: int = 16000, n_mels: int = 64, n_fft: int = 400, hop_length: int = 160, **kwargs: Any
+        self,
+        sampling_rate: int = 16000,
+        n_mels: int = 64,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        mel: MelKind = "echo",
+        **kwargs: Any,
     ) -> None:
         # `feature_size` is n_mels and padding is zeros; saved copies of both are ignored so they cannot disagree.
         kwargs.pop("feature_size", None)
         kwargs.pop("padding_value", None)
+        if mel not in get_args(MelKind):
+            raise ValueError(f"mel must be one of {get_args(MelKind)}, got {mel!r}")
+        given = {"sampling_rate": sampling_rate, "n_mels": n_mels, "n_fft": n_fft, "hop_length": hop_length}
+        if mel == "whisper" and given != _WHISPER_SETTINGS:
+            raise ValueError(f"Whisper's log-mel has fixed settings {_WHISPER_SETTINGS}, got {given}")
         super().__init__(feature_size=n_mels, sampling_rate=sampling_rate, padding_value=0.0, **kwargs)
-        self.n_mels, self.n_fft, self.hop_length = n_mels, n_fft, hop_length
+        self.n_mels, self.n_fft, self.hop_length, self.mel = n_mels, n_fft, hop_length, mel
+
+    @classmethod
+    def whisper(cls) -> EchoTinyFeatureExtractor:
+        """echo-tiny 2's feature extractor."""
+        return cls(**_WHISPER_SETTINGS, mel="whisper")
 
     def frames(self, n_samples: int) -> int:
+        if self.mel == "whisper":
+            return sum(max(end - start, MIN_SAMPLES) // HOP for start, end in _windows(n_samples))
         return int(n_samples // self.hop_length + 1)
 
     def log_mel(self, waveform: np.ndarray) -> torch.Tensor:
+        if self.mel == "whisper":
+            return self._whisper_log_mel(waveform)
         mel_transform = _mel_transform(int(self.sampling_rate), self.n_fft, self.hop_length, self.n_mels)
         x = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: store arrays are read-only
         with torch.no_grad():
             mel = mel_transform(x)  # (n_mels, frames)
         return (torch.log10(mel.clamp(min=1e-8)) - LOG_MEL_MEAN) / LOG_MEL_STD
+
+    def _whisper_log_mel(self, waveform: np.ndarray) -> torch.Tensor:
+        # Each window is normalised on its own (Whisper clamps to its max - 8 dB): what the encoder saw in training.
+        x = np.asarray(waveform, dtype=np.float32).reshape(-1)
+        fe = _whisper_features()
+        parts = []
+        for start, end in _windows(len(x)):
+            w = x[start:end]
+            if len(w) < MIN_SAMPLES:
+                w = np.pad(w, (0, MIN_SAMPLES - len(w)))
+            feats = fe(w, sampling_rate=self.sampling_rate, padding="longest", max_length=WINDOW_SAMPLES,
+                       return_tensors="np")["input_features"][0]  # fmt: skip
+            parts.append(torch.from_numpy(np.ascontiguousarray(feats)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def __call__(
         self, audio: Sequence[np.ndarray], sampling_rate: int | None = None, return_tensors: str = "pt", **_: Any

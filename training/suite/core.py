@@ -184,7 +184,8 @@ def cached_audio(key: Sequence[object], make: Callable[[], Waveform]) -> Wavefor
     path = cache_root() / digest[:2] / f"{digest}.npy"
     if path.exists():
         try:
-            return np.load(path).astype(np.float32, copy=False)
+            cached: Waveform = np.load(path).astype(np.float32, copy=False)
+            return cached
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # a corrupt cache entry is re-rendered, never trusted
     wav = np.asarray(make(), dtype=np.float32)

@@ -13,8 +13,9 @@ reach them by generalising rather than by memorising.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -40,6 +41,11 @@ def _num(x: float) -> str:
     """12 -> "12", 12.5 -> "12.5", 12.25 -> "12.25": integers without a decimal point, else as short as exact."""
     r = round(float(x), 2)
     return str(int(r)) if r == int(r) else f"{r:g}"
+
+
+def _seconds(x: float) -> str:
+    """1 -> "1 second", 0.8 -> "0.8 seconds"."""
+    return f"{_num(x)} second" + ("" if _num(x) == "1" else "s")
 
 
 def _clock(x: float, pad: bool = False) -> str:
@@ -86,7 +92,9 @@ def say_span(a: float, b: float, fmt: str) -> str:
     return SPAN_FORMATS[fmt][1](a, b)
 
 
-def pick_format(table: dict[str, tuple[PhrasingSplit, object]], rng: np.random.Generator, split: PhrasingSplit) -> str:
+def pick_format(
+    table: Mapping[str, tuple[PhrasingSplit, object]], rng: np.random.Generator, split: PhrasingSplit
+) -> str:
     """A format id of `split` from `table` (`TIME_FORMATS`, `SPAN_FORMATS` or `CHOICE_FORMATS[kind]`)."""
     ids = [k for k, (s, _) in table.items() if s == split]
     return ids[int(rng.integers(len(ids)))]
@@ -120,7 +128,7 @@ ChoiceFormat = Callable[[object], str]
 
 def _span_choice(fmt: Callable[[float, float], str]) -> ChoiceFormat:
     def write(v: object) -> str:
-        a, b = v  # type: ignore[misc]
+        a, b = cast(tuple[float, float], v)
         return fmt(float(a), float(b))
 
     return write
@@ -141,7 +149,7 @@ CHOICE_FORMATS: dict[str, dict[str, tuple[PhrasingSplit, ChoiceFormat]]] = {
     # durations in seconds, e.g. "how long does the chord last?"
     "duration": {
         "c_dur_s": ("train", _f(lambda d: f"{d:.1f} s")),
-        "c_dur_about": ("train", _f(lambda d: f"about {_num(d)} seconds")),
+        "c_dur_about": ("train", _f(lambda d: f"about {_seconds(d)}")),
         "c_dur_ms": ("heldout", _f(lambda d: f"{round(d * 1000)} ms")),
         "c_dur_roughly": ("heldout", _f(lambda d: f"roughly {_num(d)} sec")),
     },
@@ -179,7 +187,7 @@ def choice_strings(
 ) -> tuple[list[str], str]:
     """`values` written in one choice format of `split` (or `fmt`): (choice strings, format id)."""
     table = CHOICE_FORMATS[kind]
-    fid = fmt or pick_format(table, rng, split)  # type: ignore[arg-type]
+    fid = fmt or pick_format(table, rng, split)
     writer = table[fid][1]
     return [writer(v) for v in values], fid
 

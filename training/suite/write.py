@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,12 +130,12 @@ def _difficulty(scene: Scene) -> str:
 
 
 def _record(
-    spec: SplitSpec, seed: int, item_id: str, clip: str, scene: Scene, q: Question, thread: str | None, turn: int
+    spec: SplitSpec, seed: int, item_id: str, audio_id: str, scene: Scene, q: Question, thread: str | None, turn: int
 ) -> dict[str, Any]:
     mod = domain_module(scene.domain)
     item = SuiteItem(
         id=item_id,
-        audio_id=f"./audio/{clip}.wav",
+        audio_id=audio_id,
         question=q.question,
         choices=q.choices,
         answer=q.answer,
@@ -162,23 +162,30 @@ def _record(
     return item.model_dump(mode="json", by_alias=True)
 
 
-def _write_wav(path: Path, scene: Scene) -> None:
+AudioFormat = Literal["wav", "flac"]
+
+
+def _write_audio(out_dir: Path, clip: str, scene: Scene, fmt: AudioFormat) -> str:
+    """Write the clip (16-bit PCM; FLAC is lossless and ~60% of the WAV's size); returns its `audio_id`."""
     import soundfile as sf
 
+    audio_id = f"./audio/{clip}.{fmt}"
+    path = out_dir / audio_id
     pcm = np.round(scene.audio * 32768.0).clip(-32768, 32767).astype(np.int16)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    sf.write(tmp, pcm, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    sf.write(tmp, pcm, SAMPLE_RATE, subtype="PCM_16", format=fmt.upper())
     tmp.replace(path)
+    return audio_id
 
 
-def _unit_job(args: tuple[Path, SplitSpec, int, Unit]) -> list[dict[str, Any]]:
-    """Worker: render unit `unit` (one scene, or a thread's one or two scenes), write its WAVs, return records."""
-    out_dir, spec, seed, unit = args
+def _unit_job(args: tuple[Path, SplitSpec, int, Unit, AudioFormat]) -> list[dict[str, Any]]:
+    """Worker: render unit `unit` (one scene, or a thread's one or two scenes), write its audio, return records."""
+    out_dir, spec, seed, unit, fmt = args
     rng = np.random.default_rng(np.random.SeedSequence([seed, unit.index]))
     mod = domain_module(unit.domain)
     base = f"{spec.name}-{seed}-{unit.index:06d}"
     scene = mod.make_scene(rng, spec.sources, unit.category)
-    _write_wav(out_dir / "audio" / f"{base}.wav", scene)
+    clip = _write_audio(out_dir, base, scene, fmt)
     ask = mod.ask
     if not unit.thread:
         q = ask(
@@ -190,18 +197,17 @@ def _unit_job(args: tuple[Path, SplitSpec, int, Unit]) -> list[dict[str, Any]]:
             slot=unit.slot,
             seed=seed,
         )
-        return [_record(spec, seed, base, base, scene, q, None, 0)]
+        return [_record(spec, seed, base, clip, scene, q, None, 0)]
 
     turns = int(rng.integers(2, 5))
     second_clip_at = int(rng.integers(1, turns)) if rng.random() < 0.25 else None
     records: list[dict[str, Any]] = []
-    clip, current, category = base, scene, unit.category
+    current, category = scene, unit.category
     for k in range(turns):
         if k == second_clip_at:
             category = mod.CATEGORIES[int(rng.integers(len(mod.CATEGORIES)))]
             current = mod.make_scene(rng, spec.sources, category)
-            clip = f"{base}-b"
-            _write_wav(out_dir / "audio" / f"{clip}.wav", current)
+            clip = _write_audio(out_dir, f"{base}-b", current, fmt)
             q = ask(rng, current, category, phrasing=spec.phrasing, open_question=False, slot=None, seed=seed)
         elif k == 0:
             q = ask(rng, current, category, phrasing=spec.phrasing, open_question=False, slot=unit.slot, seed=seed)
@@ -233,13 +239,14 @@ def write_split(
     *,
     workers: int = 1,
     progress: bool = True,
+    audio_format: AudioFormat = "wav",
 ) -> Path:
     """Write `n` units of `spec`: `out_dir/<name>.json` (MMAU JSON list), `out_dir/audio/*.wav` and
     `out_dir/<name>.manifest.json` (spec, seed, counts, seconds taken, bytes of audio). Returns the JSON path."""
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     units = plan_units(spec, n, seed)
-    jobs = [(out_dir, spec, seed, u) for u in units]
+    jobs = [(out_dir, spec, seed, u, audio_format) for u in units]
     chunks: list[list[dict[str, Any]]] = []
     t0 = time.perf_counter()
 
