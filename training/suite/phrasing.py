@@ -29,6 +29,7 @@ __all__ = [
     "TRACE_LEADS",
     "Bank",
     "choice_strings",
+    "int_words",
     "listen",
     "number_word",
     "pick_format",
@@ -123,6 +124,25 @@ def number_word(n: int) -> str:
     return COUNT_WORDS[n] if 0 <= n < len(COUNT_WORDS) else str(n)
 
 
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_TEENS = ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+
+
+def int_words(n: int) -> str:
+    """0..999 in words as people read numbers out: 23 -> "twenty-three", 105 -> "one hundred five"."""
+    if not 0 <= n < 1000:
+        return str(n)
+    if n < 10:
+        return COUNT_WORDS[n]
+    if n < 20:
+        return _TEENS[n - 10]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{COUNT_WORDS[ones]}" if ones else "")
+    hundreds, rest = divmod(n, 100)
+    return f"{COUNT_WORDS[hundreds]} hundred" + (f" {int_words(rest)}" if rest else "")
+
+
 ChoiceFormat = Callable[[object], str]
 
 
@@ -170,6 +190,24 @@ CHOICE_FORMATS: dict[str, dict[str, tuple[PhrasingSplit, ChoiceFormat]]] = {
         "c_word_plain": ("train", lambda v: str(v)),
         "c_word_title": ("train", lambda v: str(v).capitalize()),
         "c_word_the": ("heldout", lambda v: f"the {v}"),
+    },
+    # yes / no
+    "yesno": {
+        "c_yesno_plain": ("train", lambda v: str(v)),
+        "c_yesno_title": ("train", lambda v: str(v).capitalize()),
+        "c_yesno_upper": ("heldout", lambda v: str(v).upper()),
+    },
+    # numbers read out (23, 105)
+    "number": {
+        "c_number_digits": ("train", lambda v: str(int(v))),  # type: ignore[call-overload]
+        "c_number_words": ("train", lambda v: int_words(int(v))),  # type: ignore[call-overload]
+        "c_number_the": ("heldout", lambda v: f"the number {int(v)}"),  # type: ignore[call-overload]
+    },
+    # how many voices / speakers
+    "voices": {
+        "c_voices_digit": ("train", lambda v: str(int(v))),  # type: ignore[call-overload]
+        "c_voices_word": ("train", lambda v: number_word(int(v))),  # type: ignore[call-overload]
+        "c_voices_noun": ("heldout", lambda v: f"{int(v)} voice" + ("" if int(v) == 1 else "s")),  # type: ignore[call-overload]
     },
     # other one-word answers: digits, spoken words, yes/no, rising/falling, higher/lower
     "label": {
