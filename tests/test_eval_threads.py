@@ -357,3 +357,31 @@ def test_open_questions_are_scored_by_the_matcher_through_the_graph(
     assert outcome.state["verdict"]["correct"] is correct and outcome.state["choice"] is None
     report = asyncio.run(evaluate(agent, items, progress=False))
     assert report.correct == int(correct)
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+async def test_collect_writes_whole_threads_and_resume_reruns_an_unfinished_one(
+    suite: Path, tiny: ModelBackend, tmp_path: Path
+) -> None:
+    """Trajectories of a thread's later turns hold the earlier turns; a file cut inside a thread is completed by
+    running that thread again, and every (item, sample) ends up on file exactly once."""
+    from echo_agent.training.collect import collect, read_trajectories
+
+    items = load_benchmark(suite)
+    out = tmp_path / "traj.jsonl"
+    first = await collect(agent_for(tiny), items, samples=2, out=out, seed=1, concurrency=4, progress=False)
+    assert first.written == len(items) * 2
+    trajs, _ = read_trajectories(out)
+    thread_a = [q for t, _, _, _, _, q in THREADS if t == "tA"]
+    assert user_questions({"conversation": trajs["tA-1#0"].messages}) == thread_a[:2]
+    assert user_questions({"conversation": trajs["tA-0#0"].messages}) == thread_a[:1]
+    # Cut the file after thread tA's first turn of sample 1: its other turns are gone, its state too.
+    lines = out.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if not (json.loads(ln)["id"].startswith("tA-") and json.loads(ln)["id"] != "tA-0#1")]
+    out.write_text("".join(keep))
+    second = await collect(agent_for(tiny), items, samples=2, out=out, seed=1, concurrency=4, progress=False)
+    ids = [json.loads(ln)["id"] for ln in out.read_text().splitlines()]
+    assert sorted(ids) == sorted({f"{it.id}#{k}" for it in items for k in range(2)})
+    assert second.done_before == len(keep) and second.written == len(ids) - len(keep)

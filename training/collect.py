@@ -17,6 +17,7 @@ samples with that seed + i.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -32,7 +33,7 @@ from ..agent import EchoAgent
 from ..backends.transformers import PromptEncoder
 from ..benchmarks import BenchItem
 from ..errors import ConfigError, OutputError
-from ..graphs.runner import RunOutcome, jobs, run_jobs
+from ..graphs.runner import RunOutcome, jobs, run_jobs, whole_threads
 from ..jsonl import RecordLog, os_reason, read_records
 from .trajectory import Trajectory, to_trajectory
 
@@ -122,7 +123,12 @@ async def collect(
     written: list[Trajectory] = []
     t0 = time.perf_counter()
     with RecordLog(out, Trajectory, lambda t: t.id, "trajectory", same_config) as log:
-        todo = [job for job in keys if job.id not in log.done]
+        # A thread unfinished by a killed run runs again whole (its graph state is gone); its turns are written
+        # together when the last finishes, so a kill leaves whole threads (turns already on file keep theirs).
+        todo = whole_threads(keys, log.done)
+        before = sum(job.id in log.done for job in keys)
+        turns_left = collections.Counter(job.thread_id for job in todo if job.thread_id is not None)
+        pending: dict[str, list[Trajectory]] = {}
         label = f"collect x{samples}" if progress else None
         # aclosing: when a write fails (a full disk), the runs still in flight are cancelled at once, not when
         # the generator is collected (run_jobs is an async generator; its AsyncIterator annotation hides aclose).
@@ -130,14 +136,22 @@ async def collect(
         async with contextlib.aclosing(runs):
             async for outcome in runs:
                 traj = to_trajectory(outcome, encoder, agent.store, {**head, "data": str(outcome.job.item.source)})
-                log.append(traj)  # OutputError (disk full): the file ends with a whole record
-                written.append(traj)
+                tid = outcome.job.thread_id
+                ready = [traj]
+                if tid is not None:
+                    pending.setdefault(tid, []).append(traj)
+                    turns_left[tid] -= 1
+                    ready = pending.pop(tid) if turns_left[tid] == 0 else []
+                for t in ready:
+                    if t.id not in log.done:
+                        log.append(t)  # OutputError (disk full): the file ends with a whole record
+                        written.append(t)
     elapsed = time.perf_counter() - t0
     ran = [t for t in written if t.status != "error"]
     return CollectSummary(
         out=str(out),
         total=len(keys),
-        done_before=len(keys) - len(todo),
+        done_before=before,
         written=len(written),
         errors=len(written) - len(ran),
         mean_reward=sum(t.reward for t in ran) / len(ran) if ran else 0.0,
