@@ -25,7 +25,7 @@ LINKED = [*MARKDOWN, ROOT / "bench" / "README.md", ROOT / "echo_agent" / "assets
 README_LIMIT = 12 * 1024  # bytes
 # The subcommands the README's CLI table must name (and that must exist).
 CLI_COMMANDS = {
-    ("ask",), ("chat",), ("eval",), ("collect",), ("data", "synth"),
+    ("ask",), ("chat",), ("eval",), ("collect",), ("data", "synth"), ("data", "suite"), ("data", "mmar"),
     ("train", "audio"), ("train", "sft"), ("train", "grpo"), ("serve",),
 }  # fmt: skip
 
