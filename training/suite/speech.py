@@ -629,12 +629,12 @@ class _Ctx:
         return _pick(self.rng, self.category, self.seed, self.slot, combos)
 
     def time(self, t: float) -> str:
-        fmt = phrasing.pick_format(phrasing.TIME_FORMATS, self.rng, self.split)  # type: ignore[arg-type]
+        fmt = phrasing.pick_format(phrasing.TIME_FORMATS, self.rng, self.split)
         self.formats.append(fmt)
         return phrasing.say_time(t, fmt)
 
     def span(self, a: float, b: float) -> str:
-        fmt = phrasing.pick_format(phrasing.SPAN_FORMATS, self.rng, self.split)  # type: ignore[arg-type]
+        fmt = phrasing.pick_format(phrasing.SPAN_FORMATS, self.rng, self.split)
         self.formats.append(fmt)
         return phrasing.say_span(a, b, fmt)
 
