@@ -144,7 +144,9 @@ def test_a_request_past_its_time_gets_504_and_its_question_is_undone(tmp_path: P
     from echo_agent.backends.batching import BatchingBackend
 
     batcher = BatchingBackend(load_backend(RAW))  # type: ignore[arg-type]
-    cfg = config(tmp_path, max_request_seconds=3.0, max_tokens=4096)
+    # 4000 tokens of the tiny model take ~3 s on a quiet 2-core machine (0.75 ms a step): the limit must be well
+    # under that, or a fast machine answers in time (it did at 3 s), yet leave room for the first short question.
+    cfg = config(tmp_path, max_request_seconds=1.5, max_tokens=4096)
     with ThreadServer(create_app(batcher, cfg), cfg) as s:
         first = post(s, agent_body("First?", beeps_wav, echo={"thread_id": "timed"}))
         assert first.status_code == 200, first.text
