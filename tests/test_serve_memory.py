@@ -33,6 +33,12 @@ def write_noise(path: Path, seconds: float, rate: int, channels: int) -> Path:
     return path
 
 
+def rss_parts(pid: int) -> str:
+    """The current resident set, anonymous and file-backed (shared libraries), for the report."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return ", ".join(f"{k} {int(fields[k].split()[0]) / 1e6:.2f} GB" for k in ("RssAnon", "RssFile") if k in fields)
+
+
 def peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -59,11 +65,13 @@ def test_peak_rss_of_serve_stays_under_1_5_gb(
     proc = ServeProcess([], serve_env(tmp_path / "home"))
     try:
         idle = peak_rss(proc.proc.pid)
+        idle_parts = rss_parts(proc.proc.pid)
         r = httpx.post(f"{proc.url}/v1/chat/completions", content=body, timeout=SLOW,
                        headers={"Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 200, r.text[:300]
         peak = peak_rss(proc.proc.pid)
     finally:
         proc.stop()
-    print(f"\n{case}: body {len(body) / 1e6:.1f} MB, serve idle {idle / GB:.2f} GB, peak RSS {peak / GB:.2f} GB")
+    print(f"\n{case}: body {len(body) / 1e6:.1f} MB, serve idle {idle / GB:.2f} GB ({idle_parts}), "
+          f"peak RSS {peak / GB:.2f} GB")  # fmt: skip
     assert peak < 1.5 * GB

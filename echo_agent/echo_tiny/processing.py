@@ -54,9 +54,14 @@ def _mel_transform(sampling_rate: int, n_fft: int, hop_length: int, n_mels: int)
     # Built once per setting and kept off the instance, so `to_dict`/deepcopy never meet a torch module.
     import torchaudio
 
+    # center=False: `log_mel` reflect-pads the whole input once (as center=True would) and transforms it in
+    # blocks of frames, so a long input's STFT is never whole in memory (10 min would take ~280 MB).
     return torchaudio.transforms.MelSpectrogram(
-        sample_rate=sampling_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels
+        sample_rate=sampling_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, center=False
     )
+
+
+_BLOCK_FRAMES = 6000  # 60 s at 100 frames/s: ~10 MB of STFT per block
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,10 +125,20 @@ class EchoTinyFeatureExtractor(SequenceFeatureExtractor):
         if self.mel == "whisper":
             return self._whisper_log_mel(waveform)
         mel_transform = _mel_transform(int(self.sampling_rate), self.n_fft, self.hop_length, self.n_mels)
-        x = torch.from_numpy(np.array(waveform, dtype=np.float32))  # a copy: store arrays are read-only
+        x = np.asarray(waveform, dtype=np.float32).reshape(-1)
+        half = self.n_fft // 2
+        # reflect (as center=True pads) needs more samples than the pad
+        mode: Literal["reflect", "constant"] = "reflect" if x.shape[0] > half else "constant"
+        n_frames = self.frames(x.shape[0])
+        out = torch.empty(self.n_mels, n_frames)
+        padded = torch.from_numpy(np.pad(x, half, mode=mode))  # a new, writable array (store arrays are read-only)
         with torch.no_grad():
-            mel = mel_transform(x)  # (n_mels, frames)
-        return (torch.log10(mel.clamp(min=1e-8)) - LOG_MEL_MEAN) / LOG_MEL_STD
+            for f0 in range(0, n_frames, _BLOCK_FRAMES):
+                f1 = min(f0 + _BLOCK_FRAMES, n_frames)
+                span = padded[f0 * self.hop_length : (f1 - 1) * self.hop_length + self.n_fft]
+                mel = mel_transform(span)  # (n_mels, f1 - f0)
+                out[:, f0:f1] = (torch.log10(mel.clamp(min=1e-8)) - LOG_MEL_MEAN) / LOG_MEL_STD
+        return out
 
     def _whisper_log_mel(self, waveform: np.ndarray) -> torch.Tensor:
         # Each window is normalised on its own (Whisper clamps to its max - 8 dB): what the encoder saw in training.
