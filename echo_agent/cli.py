@@ -136,6 +136,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _add_encoder_args(p: argparse.ArgumentParser, new_model: bool = True) -> None:
+    """A trainer's audio-encoder flags: which encoder a new model gets, and where frozen-encoder frames are kept."""
+    if new_model:
+        encoder_help = "a new model's audio side: conv (echo-tiny, the default) or whisper-tiny.en (echo-tiny 2)"
+        p.add_argument("--audio-encoder", choices=("conv", "whisper-tiny.en"), default=None, help=encoder_help)
+    cache_help = "frozen-encoder frames on disk (default auto: $ECHO_FEATURE_CACHE, else OUT/features)"
+    p.add_argument("--feature-cache", default=None, metavar="auto|off|DIR", help=cache_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="echo-agent", description="Audio-interleaved reasoning: ask about a clip.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,12 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("seed", int)):
         audio.add_argument(f"--{name}", type=kind, default=None)
 
+    base = train_sub.add_parser("base", help="a base audio LM: hear any audio input in context (stage 0)")
+    base.add_argument("--train", required=True, help="suite JSON (records carry their `events`)")
+    base.add_argument("--val", default=None, help="dev suite JSON: loss and exact answers on a fixed set of questions")
+    base.add_argument(
+        "--out", required=True, help="run folder: checkpoint/ (resumed), final/ (the init of `train sft`)"
+    )
+    base.add_argument("--init", default="new", help="'new' (a new model) or a model directory")
+    _add_encoder_args(base)
+    base.add_argument("--config", default=None, help="JSON file of further BaseLMConfig fields")
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
+        base.add_argument(f"--{name}", type=kind, default=None)
+    base.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+
     sft = train_sub.add_parser("sft", help="supervised fine-tuning on seg-tag traces (stage 1)")
     sft.add_argument("--train", required=True, nargs="+", help="training data (MMAU JSON with gold `trace`s); "
                      "several files are concatenated")  # fmt: skip
     sft.add_argument("--val", default=None, help="validation data, scored by the real agent graph")
     sft.add_argument("--out", required=True, help="run folder: checkpoint/ (resumed), final/, log.jsonl")
-    sft.add_argument("--init", default="echo-tiny", help="'echo-tiny' (a new model) or a model directory")
+    sft.add_argument("--init", default="echo-tiny", help="'new' or 'echo-tiny' (a new model) or a model directory")
     sft.add_argument(
         "--audio-mode",
         "--mode",
@@ -255,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="interleaved: listened audio inserted; grounded (the paper's cold start): <seg> tags, no audio; "
         "text: no listens",
     )
+    _add_encoder_args(sft)
     sft.add_argument("--config", default=None, help="JSON file of further SFTConfig fields")
     for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eval-every", int), ("seed", int)):
         sft.add_argument(f"--{name}", type=kind, default=None)
@@ -268,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--audio-mode", "--mode", dest="audio_mode", choices=AUDIO_MODES[:2], default=None,
                       help="interleaved (default) or grounded")  # fmt: skip
     grpo.add_argument("--reward", choices=["paper", "deepeyes"], default=None, help="reward weights (default: paper)")
+    _add_encoder_args(grpo, new_model=False)
     grpo.add_argument("--config", default=None, help="JSON file of further GRPOConfig fields")
     for name, kind in (("steps", int), ("group-size", int), ("items-per-step", int), ("lr", float),
                        ("kl-coef", float), ("eval-every", int), ("seed", int)):  # fmt: skip
@@ -849,11 +873,20 @@ def _train_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_base(args: argparse.Namespace) -> int:
+    from .training.base_lm import BaseLMConfig, train
+
+    flags = ("audio_encoder", "feature_cache", "steps", "batch_size", "lr", "eval_every", "seed", "val", "lora")
+    cfg = _trainer_config(BaseLMConfig, args, {"train": args.train, "out": args.out, "init": args.init}, flags)
+    _print_final(train(cfg))
+    return 0
+
+
 def _train_grpo(args: argparse.Namespace) -> int:
     from .training.grpo import GRPOConfig, train
 
     flags = ("audio_mode", "reward", "steps", "group_size", "items_per_step", "lr", "kl_coef", "eval_every", "seed",
-             "val", "lora")  # fmt: skip
+             "val", "lora", "feature_cache")  # fmt: skip
     cfg = _trainer_config(GRPOConfig, args, {"train": args.train, "out": args.out, "init": args.init}, flags)
     if not (Path(cfg.init) / "config.json").is_file():
         raise ConfigError(f"--init {cfg.init} is not a model directory")
@@ -865,7 +898,8 @@ def _train_sft(args: argparse.Namespace) -> int:
     from .training.sft import SFTConfig, train
 
     required = {"train": args.train, "out": args.out, "init": args.init, "audio_mode": args.audio_mode}
-    cfg = _trainer_config(SFTConfig, args, required, ("steps", "batch_size", "lr", "eval_every", "seed", "val", "lora"))
+    flags = ("steps", "batch_size", "lr", "eval_every", "seed", "val", "lora", "audio_encoder", "feature_cache")
+    cfg = _trainer_config(SFTConfig, args, required, flags)
     _print_final(train(cfg))
     return 0
 
@@ -903,6 +937,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _data_verl(args)
         if args.command == "train" and args.train_command == "audio":
             return _train_audio(args)
+        if args.command == "train" and args.train_command == "base":
+            return _train_base(args)
         if args.command == "train" and args.train_command == "grpo":
             return _train_grpo(args)
         if args.command == "train" and args.train_command == "sft":

@@ -1,6 +1,7 @@
 """What the trainers share, in one place: the run folder, atomic checkpoints and resume, freezing and LoRA,
-the learning-rate schedule and the JSON log. Stage 0 (`audio_pretrain.py`), SFT (`sft.py`) and GRPO (`grpo.py`)
-import these and not each other."""
+the learning-rate schedule, the JSON log, the model a run starts from, token batches and one optimiser step, and
+the conversations (threads) of a data file. The stage-0 trainers (`audio_pretrain.py`, `base_lm.py`), SFT
+(`sft.py`) and GRPO (`grpo.py`) import these and not each other."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from typing import IO, Any
 import torch
 from pydantic import BaseModel, Field
 
+from ..backends.transformers import EncodedAudio, PromptEncoder
 from ..benchmarks import BenchItem, load_benchmark
 from ..config import AudioMode
 from ..echo_tiny import EchoTinySizes, new_echo_tiny
+from ..echo_tiny.configuration import AudioEncoderKind
+from ..errors import DataError
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -145,16 +149,57 @@ class JsonLog:
 
 def validation_accuracy(backend: Any, items: Sequence[BenchItem], mode: AudioMode, max_new_tokens: int = 160) -> float:
     """Accuracy of the real agent graph, greedy, on items with gold answers: the trainers' validation. The runs
-    go through the one runner, batched."""
+    go through the one runner, batched; a thread's turns run in order in one graph thread, as `eval` runs them
+    (an in-memory checkpointer holds the conversation)."""
     import asyncio
 
     from ..agent import EchoAgent
     from ..config import AgentConfig, SamplingParams
     from ..graphs.runner import accuracy, batched, jobs, run_all
 
-    agent = EchoAgent(batched(backend), config=AgentConfig(sampling=SamplingParams(max_new_tokens=max_new_tokens),
-                                                             mode=mode))  # fmt: skip
+    config = AgentConfig(sampling=SamplingParams(max_new_tokens=max_new_tokens), mode=mode)
+    agent = EchoAgent(batched(backend), config=config, checkpointer=memory_checkpointer(items))
     return accuracy(asyncio.run(run_all(agent, jobs(items), concurrency=16)))
+
+
+def memory_checkpointer(items: Sequence[BenchItem]) -> Any:
+    """An in-memory LangGraph checkpointer when some items are thread turns (their graph thread keeps the
+    conversation between turns), else None."""
+    from ..graphs.runner import has_threads
+
+    if not has_threads(items):
+        return None
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    return InMemorySaver()
+
+
+# ---- conversations: thread turns ---------------------------------------------------------------------
+
+
+def conversation_units(items: Sequence[BenchItem]) -> list[list[BenchItem]]:
+    """The items as conversations, in file order: a single item alone, or all turns of a thread in turn order.
+    A thread must hold turns 0..n-1 (`load_benchmark` checks a file; this checks a concatenation too)."""
+    units: list[list[BenchItem]] = []
+    threads: dict[str, list[BenchItem]] = {}
+    for it in items:
+        if it.thread is None:
+            units.append([it])
+        elif it.thread in threads:
+            threads[it.thread].append(it)
+        else:
+            threads[it.thread] = [it]
+            units.append(threads[it.thread])
+    for tid, turns in threads.items():
+        turns.sort(key=lambda t: t.turn)
+        if [t.turn for t in turns] != list(range(len(turns))):
+            raise DataError(f"thread {tid}: turns {[t.turn for t in turns]}, expected 0..{len(turns) - 1}")
+    return units
+
+
+def thread_history(items: Sequence[BenchItem]) -> dict[str, list[BenchItem]]:
+    """item id -> the earlier turns of its thread, in order ([] for a single item or a first turn)."""
+    return {it.id: unit[: it.turn] for unit in conversation_units(items) for it in unit}
 
 
 def tokenizer_corpus(items: Sequence[BenchItem]) -> list[str]:
@@ -166,14 +211,74 @@ def tokenizer_corpus(items: Sequence[BenchItem]) -> list[str]:
     return [*corpus, INSTRUCTION, *RETRY_NUDGE.values()]
 
 
-def load_model(init: str, sizes: EchoTinySizes, items: Sequence[BenchItem], seed: int) -> tuple[Any, Any]:
-    """The model a run starts from: a new echo-tiny of `sizes` (init "echo-tiny"), or a model directory."""
-    if init == "echo-tiny":
-        return new_echo_tiny(sizes, tokenizer_corpus(items), seed)
+NEW_MODEL = ("new", "echo-tiny")
+"""`init` values that mean a fresh model of the config's sizes and `audio_encoder` ("echo-tiny": the older name)."""
+
+
+def load_model(
+    init: str,
+    sizes: EchoTinySizes,
+    items: Sequence[BenchItem],
+    seed: int,
+    audio_encoder: AudioEncoderKind = "conv",
+    extra_corpus: Sequence[str] = (),
+) -> tuple[Any, Any]:
+    """The model a run starts from: a new echo-tiny of `sizes` (init "new" or "echo-tiny"; `audio_encoder`
+    "whisper-tiny.en" makes it echo-tiny 2, its tokenizer trained on the items and `extra_corpus`), or any saved
+    model directory (echo-tiny, echo-tiny 2, Qwen2-Audio...), whose own config then decides sizes and encoder."""
+    if init in NEW_MODEL:
+        return new_echo_tiny(sizes, [*tokenizer_corpus(items), *extra_corpus], seed, audio_encoder=audio_encoder)
     from ..backends.transformers import TransformersBackend
 
     backend = TransformersBackend.from_pretrained(init)
     return backend.model, backend.processor
+
+
+# ---- token batches and one optimisation step -----------------------------------------------------------
+
+
+class Example(BaseModel):
+    """One training sequence: token ids, labels (-100 where no loss) and its audio inputs in placeholder order."""
+
+    model_config = {"arbitrary_types_allowed": True}
+    input_ids: list[int]
+    labels: list[int]
+    audios: list[Any]  # EncodedAudio
+
+
+def collate(examples: Sequence[Example], encoder: PromptEncoder, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels and attention mask, plus the audio features of every example in order."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attn[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    audios: list[EncodedAudio] = [a for e in examples for a in e.audios]
+    if audios:
+        batch.update(encoder.collate(audios))
+    return batch
+
+
+def train_step(
+    model: Any, optimizer: Any, accelerator: Any, params: list[torch.nn.Parameter], batch: dict[str, torch.Tensor],
+    lr: float, grad_clip: float,
+) -> float:  # fmt: skip
+    """One optimisation step on one batch; returns the loss."""
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 # ---- several processes (`accelerate launch`) --------------------------------------------------------------

@@ -12,6 +12,13 @@ off and skips the reference).
 
     echo-agent train grpo --train data/train.json --init runs/sft/final --out runs/grpo
 
+Threads (the suite's multi-turn conversations) are rolled out whole: a step draws `items_per_step` conversations
+(a single item, or every turn of a thread), and each of the `group_size` samples of a thread runs its turns in
+order in one graph thread, as `eval` runs them, so a follow-up turn is asked in the context of that sample's own
+earlier answers. Each turn is a group of its own (the `group_size` samples of that turn), and its trajectory's
+loss covers that turn's tokens only. Open questions are judged by the graph's verifier with the item's
+`answer_kind`, as everywhere. echo-tiny 2's frozen Whisper frames are kept on disk (`feature_cache`).
+
 Runs under `accelerate launch` (each rank rolls out its share of the step's questions). Checkpoints to
 OUT/checkpoint and resumes from it; logs reward terms, accuracy, listens per answer, KL, entropy and the
 clipped share per step to OUT/log.jsonl.
@@ -42,11 +49,14 @@ from .common import (
     RunFolder,
     TrainableSettings,
     checkpoint,
+    conversation_units,
     finish,
     load_items,
+    memory_checkpointer,
     prepare_training,
     validation_accuracy,
 )
+from .features import attach_feature_cache, feature_cache_dir
 from .trajectory import Trajectory, model_inputs, sequence_logprobs, to_trajectory
 
 
@@ -59,7 +69,7 @@ class GRPOConfig(TrainableSettings):
     init: str = Field(description="the starting model directory (an SFT run's final/)")
     audio_mode: Literal["interleaved", "grounded"] = "interleaved"
     steps: int = Field(50, ge=1)
-    items_per_step: int = Field(8, ge=1)
+    items_per_step: int = Field(8, ge=1, description="conversations per step: a single item, or a whole thread")
     group_size: int = Field(8, ge=2, description="rollouts per question; GRPO compares them, so at least 2")
     updates_per_step: int = Field(
         2, ge=1, description="optimizer steps per rollout batch (mini-batches); >1 makes the clip bite"
@@ -77,6 +87,10 @@ class GRPOConfig(TrainableSettings):
         None, description="roll out only items of these categories (e.g. the multi-listen scans); None = all"
     )
     freeze_audio_encoder: bool = True
+    feature_cache: str = Field(
+        "auto", description="frozen-encoder frames on disk: 'auto' ($ECHO_FEATURE_CACHE, else OUT/features), "
+        "'off', or a folder",
+    )  # fmt: skip
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(25, ge=1)
     eval_items: int = Field(60, ge=0)
@@ -96,7 +110,8 @@ async def rollout_groups(
     agent: EchoAgent, encoder: PromptEncoder, items: Sequence[BenchItem], group_size: int, seed: int
 ) -> list[list[Trajectory]]:
     """`group_size` sampled trajectories per item, through the real graph. All of a step's rollouts run at once
-    and share the model through continuous batching (the agent's backend)."""
+    and share the model through continuous batching (the agent's backend). The turns of a thread (all of them,
+    in order, in `items`) run in order in one graph thread per sample; the agent needs a checkpointer then."""
     todo = jobs(items, group_size, seed)
     outcomes = await run_all(agent, todo, concurrency=len(todo))
     head = {"model": agent.backend.name, "backend": type(agent.backend).__name__, "mode": agent.config.mode,
@@ -189,22 +204,32 @@ def train(cfg: GRPOConfig) -> Path:
 
     accelerator = Accelerator()
     run = RunFolder(cfg.out)
-    items = load_items(cfg.train)
+    units = conversation_units(load_items(cfg.train))  # a thread is rolled out whole, turn after turn
     if cfg.categories is not None:
-        items = [it for it in items if it.group in cfg.categories]
-    if cfg.items_per_step > len(items):
-        raise ConfigError(f"items_per_step must be 1..{len(items)} (the training items), got {cfg.items_per_step}")
+        units = [u for u in units if u[0].group in cfg.categories]
+    if cfg.items_per_step > len(units):
+        raise ConfigError(
+            f"items_per_step must be 1..{len(units)} (the training items), got {cfg.items_per_step} "
+            "(a thread counts as one item)"
+        )
     val_items = load_items(cfg.val)[: cfg.eval_items] if cfg.val else []
     resume = run.resume()
     backend = TransformersBackend.from_pretrained(run.checkpoint if resume and not cfg.lora else cfg.init)
     model, processor = backend.model, backend.processor
+    cache_dir = feature_cache_dir(cfg.feature_cache, cfg.out)
+    attach_feature_cache(model, cache_dir)
     reference = None
     if cfg.kl_coef > 0 and not cfg.lora:  # with LoRA the reference is the base with adapters disabled
         reference = TransformersBackend.from_pretrained(cfg.init).model.eval().requires_grad_(False)
+        attach_feature_cache(reference, cache_dir)
     model, optimizer, params = prepare_training(model, cfg, accelerator, run, resume, lr=cfg.lr,
                                                 weight_decay=cfg.weight_decay, betas=(0.9, 0.99))  # fmt: skip
     backend.model = accelerator.unwrap_model(model)  # rollouts sample from the (possibly LoRA-wrapped) policy
-    agent = EchoAgent(batched(backend, cfg.max_batch), config=cfg.agent_config())  # one graph for the whole run
+    every = [it for u in units for it in u]
+    # One graph for the whole run; threads keep their conversation in an in-memory checkpointer.
+    agent = EchoAgent(
+        batched(backend, cfg.max_batch), config=cfg.agent_config(), checkpointer=memory_checkpointer(every)
+    )
     step = resume["step"] if resume else 0
     run.write_config(cfg)
     log = run.log()
@@ -221,7 +246,7 @@ def train(cfg: GRPOConfig) -> Path:
     while step < cfg.steps:
         t0 = time.perf_counter()
         rng = random.Random(cfg.seed * 100_003 + step)  # the step's questions: the same on every rank
-        chosen = rng.sample(items, cfg.items_per_step)[rank::world]
+        chosen = [it for unit in rng.sample(units, cfg.items_per_step)[rank::world] for it in unit]
         model.eval()
         groups = asyncio.run(rollout_groups(agent, backend.encoder, chosen, cfg.group_size, cfg.seed * 100_003 + step))
         rollout_s = time.perf_counter() - t0
