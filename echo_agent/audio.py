@@ -169,16 +169,17 @@ class AudioStore:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, path: str | os.PathLike[str]) -> AudioRef:
-        """Validate and decode the file at `path` (once per content hash) and return a reference to it."""
+    def load(self, path: str | os.PathLike[str], name: str | None = None) -> AudioRef:
+        """Validate and decode the file at `path` (once per content hash) and return a reference to it. Errors
+        name the file `name` (default: its path; a server's upload is "uploaded audio", not its scratch path)."""
         p = Path(path).expanduser().absolute()
-        self._stat_file(p)
+        self._stat_file(p, name)
         sha = _hash_file(p)
         with self._lock:
             meta = self._meta.get(sha)
         if meta is not None:
             return AudioRef(sha256=sha, path=str(p), sample_rate=meta[0], channels=meta[1], frames=meta[2])
-        decoded = self._decode(p, str(p))
+        decoded = self._decode(p, name or str(p))
         return self._remember(sha, str(p), decoded)
 
     def load_bytes(self, data: bytes, name: str = "<bytes>") -> AudioRef:
@@ -243,21 +244,22 @@ class AudioStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _stat_file(self, p: Path) -> None:
+    def _stat_file(self, p: Path, name: str | None = None) -> None:
         """Check `p` is a readable regular file within the byte limit, before reading any of it."""
+        shown = name or str(p)
         try:
             st = p.stat()
         except FileNotFoundError:
-            raise AudioNotFoundError(f"{p}: no such file") from None
+            raise AudioNotFoundError(f"{shown}: no such file") from None
         except OSError as e:
-            raise AudioNotFoundError(f"{p}: cannot access file ({e.strerror})") from None
+            raise AudioNotFoundError(f"{shown}: cannot access file ({e.strerror})") from None
         except ValueError:  # os.stat refuses an embedded NUL byte
             shown = str(p).replace("\0", "\\0")
             raise AudioNotFoundError(f"{shown}: not a valid path (it contains a NUL byte)") from None
         if not p.is_file():
-            raise AudioNotFoundError(f"{p}: not a regular file")
+            raise AudioNotFoundError(f"{shown}: not a regular file")
         if st.st_size > self.limits.max_bytes:
-            raise AudioTooLargeError(f"{p}: {st.st_size} bytes is over the limit of {self.limits.max_bytes} bytes")
+            raise AudioTooLargeError(f"{shown}: {st.st_size} bytes is over the limit of {self.limits.max_bytes} bytes")
 
     def _decode(self, source: Path | io.BytesIO, name: str) -> _Decoded:
         """Decode and validate; every failure becomes a typed `AudioError` naming `name`."""

@@ -228,6 +228,12 @@ def test_uploads_stop_at_the_storage_quota(tmp_path: Path) -> None:
         # The raw model's uploads live only for their request.
         raw = {"model": RAW, "messages": [{"role": "user", "content": [clip_part(b)]}], "max_tokens": 1}
         assert post(s, raw).status_code == 200
+        # Refused requests leave none of their decoded uploads behind either: an unknown model, audio that does
+        # not decode (both bodies hold a base64 string long enough to be decoded into a scratch file first).
+        assert post(s, {**raw, "model": "nope"}).status_code == 404
+        junk = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"\0garbage" * 20000).decode()}}
+        r = post(s, {**raw, "messages": [{"role": "user", "content": [junk]}]})
+        assert r.status_code == 400 and "uploaded audio: cannot decode" in r.json()["error"]["message"], r.text
         assert list((tmp_path / "data" / "scratch").iterdir()) == []
 
 

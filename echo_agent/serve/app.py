@@ -639,40 +639,49 @@ async def _intake(server: _Server, request: Request) -> tuple[ChatRequest, Conve
     async with slot:
         body = await _read_body(request, config.request_bytes, config.read_timeout)
         try:
-            # Audio is decoded from the body's bytes (`parse_body`): the body, its text and the audio are never all
-            # in memory at once. Parsing is CPU work, done off the event loop.
-            parsed = await asyncio.to_thread(parse_body, body)
+            # Long base64 strings are decoded from the body's bytes into scratch files (`parse_body`): the body,
+            # its text and the audio are never all in memory at once. Parsing is CPU work, done off the event loop.
+            parsed, blobs = await asyncio.to_thread(parse_body, body, server.intake.scratch_dir)
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise RequestError(f"invalid request: the body is not JSON ({str(err)[:200]})") from None
         del body
         try:
-            req = ChatRequest.model_validate(parsed)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise RequestError(f"invalid request: {where}: {first['msg']}"[:500]) from None
-        del parsed
-        if req.model not in (config.model_name, config.agent_name):
-            raise RequestError(
-                f"the model {req.model[:100]!r} does not exist; this server has {config.model_name!r} and "
-                f"{config.agent_name!r}", 404, "not_found_error",
-            )  # fmt: skip
-        if req.echo is not None:
-            for choice in req.echo.choices or []:
-                server.guard.check(choice, "echo.choices")
-        keep = req.model == config.agent_name  # the agent's clips outlive the request (threads); the raw model's not
-        if keep and req.echo is not None and req.echo.thread_id is not None:
-            server.quota.check()
-        conv = await asyncio.to_thread(
-            to_conversation,
-            req.messages,
-            server.intake,
-            guard=server.guard,
-            keep=keep,
-            max_audio_parts=config.max_audio_parts,
-        )  # fmt: skip  (decoding is CPU work)
-        req.messages = []  # decoded: the base64 text is no longer needed
-        conv.large = large
+            return await _to_request(server, parsed, large)
+        finally:
+            for blob in blobs:  # the files of blobs no audio part took (a refused request)
+                blob.discard()
+
+
+async def _to_request(server: _Server, parsed: Any, large: bool) -> tuple[ChatRequest, Conversation]:
+    config = server.config
+    try:
+        req = ChatRequest.model_validate(parsed)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise RequestError(f"invalid request: {where}: {first['msg']}"[:500]) from None
+    del parsed
+    if req.model not in (config.model_name, config.agent_name):
+        raise RequestError(
+            f"the model {req.model[:100]!r} does not exist; this server has {config.model_name!r} and "
+            f"{config.agent_name!r}", 404, "not_found_error",
+        )  # fmt: skip
+    if req.echo is not None:
+        for choice in req.echo.choices or []:
+            server.guard.check(choice, "echo.choices")
+    keep = req.model == config.agent_name  # the agent's clips outlive the request (threads); the raw model's not
+    if keep and req.echo is not None and req.echo.thread_id is not None:
+        server.quota.check()
+    conv = await asyncio.to_thread(
+        to_conversation,
+        req.messages,
+        server.intake,
+        guard=server.guard,
+        keep=keep,
+        max_audio_parts=config.max_audio_parts,
+    )  # fmt: skip  (decoding is CPU work)
+    req.messages = []  # decoded: the base64 text is no longer needed
+    conv.large = large
     return req, conv
 
 
@@ -690,17 +699,27 @@ async def _read_body(request: Request, limit: int, read_timeout: float) -> bytea
     size = 0
     start = time.monotonic()
     chunks = request.stream().__aiter__()
+
+    async def next_chunk() -> bytes | None:
+        # The end comes back as None, not as StopAsyncIteration through `wait_for`: a task that stores an
+        # exception keeps its traceback, whose frames (this one among them) would keep the body alive until the
+        # cyclic GC ran.
+        try:
+            return await chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+
     while True:
         try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout)
-        except StopAsyncIteration:
-            break
+            chunk = await asyncio.wait_for(next_chunk(), read_timeout)
         except TimeoutError:
             raise RequestError(
                 f"the request body stalled for over {read_timeout:g} s (--read-timeout)", 408, "timeout"
             ) from None
         except ClientDisconnect:
             raise RequestError("the client disconnected while sending the request", 400) from None
+        if chunk is None:
+            break
         if size + len(chunk) > len(body):  # no length given, or more than it said
             if size + len(chunk) > limit:
                 raise too_big

@@ -137,40 +137,87 @@ _BLOB_MARK = "\x00echo-blob:"
 
 
 class Blob:
-    """Audio bytes lifted out of a request body: a base64 string (or `data:` URL) that was decoded from the raw body
-    itself, so the body, a parsed copy of its text and the decoded bytes never all exist at once."""
+    """Audio bytes lifted out of a request body: a long base64 string (or `data:` URL) decoded straight from the
+    body's bytes into a file of its own in the scratch folder, a chunk at a time. So the body, a parsed copy of its
+    text and the decoded audio are never in memory together; the audio is then decoded from the file. The part
+    that uses it takes the file (`take`); `discard` deletes a file that nobody took."""
 
-    __slots__ = ("data", "prefix")
+    __slots__ = ("_path", "prefix")
 
-    def __init__(self, data: bytes, prefix: str) -> None:
-        self.data = data
+    def __init__(self, path: Path, prefix: str) -> None:
+        self._path: Path | None = path
         self.prefix = prefix  # "data:audio/wav;base64," for a data: URL, "" for a bare base64 string
+
+    def take(self) -> Path:
+        """The file, now the caller's to keep or delete."""
+        if self._path is None:
+            raise RequestError("an audio part was used twice")
+        path, self._path = self._path, None
+        return path
+
+    def discard(self) -> None:
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+            self._path = None
 
     def text(self) -> str:
         """The string as it was sent (a long base64 string somewhere else than an audio field)."""
-        return self.prefix + base64.b64encode(self.data).decode()
+        path = self.take()
+        try:
+            return self.prefix + base64.b64encode(path.read_bytes()).decode()
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
-def parse_body(body: bytearray) -> Any:
-    """A JSON request body as Python values. Each long, plain base64 string (a complete JSON string of base64
-    characters: no escapes, so its text is exactly its value) is decoded from the body's bytes first; in an audio
-    field (`input_audio.data`, `audio_url.url`) it stays a `Blob`, anywhere else it becomes its text again."""
+_CHUNK = 4 << 20  # base64 characters decoded at a time (a multiple of 4: every chunk but the last is unpadded)
+
+
+def _decode_to_file(text: memoryview, folder: Path) -> Path | None:
+    """Decode a base64 string into a new file in `folder`; None (and no file) when it is not valid base64."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix="blob.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for i in range(0, len(text), _CHUNK):
+                f.write(binascii.a2b_base64(text[i : i + _CHUNK], strict_mode=True))
+    except binascii.Error:
+        os.unlink(name)
+        return None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return Path(name)
+
+
+def parse_body(body: bytearray, folder: Path) -> tuple[Any, list[Blob]]:
+    """A JSON request body as Python values, and the blobs lifted out of it. Each long, plain base64 string (a
+    complete JSON string of base64 characters: no escapes, so its text is exactly its value) is decoded from the
+    body's bytes into a file in `folder` first; in an audio field (`input_audio.data`, `audio_url.url`) it stays a
+    `Blob`, anywhere else it becomes its text again. On an error no blob file is left behind."""
     blobs: list[Blob] = []
     small = bytearray()
     last = 0
-    for m in _BLOB_RE.finditer(body):
-        try:
-            data = binascii.a2b_base64(memoryview(body)[m.start(2) : m.end(2)], strict_mode=True)
-        except binascii.Error:
-            continue  # left in place; it is refused as bad base64 where it is used
-        small += body[last : m.start()]
-        small += b'"\\u0000echo-blob:%d"' % len(blobs)
-        last = m.end()
-        blobs.append(Blob(data, (m.group(1) or b"").decode()))
-    if not blobs:
-        return json.loads(body)
-    small += body[last:]
-    return _place(json.loads(small), blobs, None)
+    try:
+        for m in _BLOB_RE.finditer(body):
+            if (m.end(2) - m.start(2)) % 4:
+                continue  # not base64 (left in place; it is refused as bad base64 where it is used)
+            path = _decode_to_file(memoryview(body)[m.start(2) : m.end(2)], folder)
+            if path is None:
+                continue
+            small += body[last : m.start()]
+            small += b'"\\u0000echo-blob:%d"' % len(blobs)
+            last = m.end()
+            blobs.append(Blob(path, (m.group(1) or b"").decode()))
+        if not blobs:
+            return json.loads(body), []
+        small += body[last:]
+        return _place(json.loads(small), blobs, None), blobs
+    except BaseException:
+        for b in blobs:
+            b.discard()
+        raise
 
 
 def _place(value: Any, blobs: list[Blob], key: str | None, parent: str | None = None) -> Any:
@@ -279,6 +326,36 @@ class AudioIntake:
             self.quota.add(len(data))
         return self.store.load(path)
 
+    def from_blob(self, blob: Blob, scratch: list[Path] | None = None) -> AudioRef:
+        """As `from_bytes`, for audio already decoded into a file of the scratch folder: it is validated and
+        decoded from that file, then kept under its hash (renamed, not copied) or, with `scratch`, left for the
+        caller to delete."""
+        path = blob.take()
+        try:
+            ref = self.store.load(path, name="uploaded audio")
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if isinstance(err, EchoError):
+                raise _audio_limit_hint(err) from None
+            raise
+        if scratch is not None:
+            scratch.append(path)
+            return ref
+        dest = self.upload_dir / ref.sha256
+        try:
+            if not dest.exists():
+                size = path.stat().st_size
+                self.quota.check(size)
+                with open(path, "rb") as f:  # a kept upload outlives the process (threads resume after a restart)
+                    os.fsync(f.fileno())
+                os.replace(path, dest)  # atomic: a crash never leaves a half-written upload under its hash
+                self.quota.add(size)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return self.store.load(dest)
+
     @staticmethod
     def _write(folder: Path, data: bytes, prefix: str, suffix: str = "", durable: bool = True) -> Path:
         fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
@@ -369,16 +446,14 @@ class AudioIntake:
             if isinstance(raw, Blob):
                 if raw.prefix:
                     raise RequestError("input_audio data must be plain base64, not a data: URL")
-                data, raw.data = raw.data, b""
-                return self.from_bytes(data, scratch)
+                return self.from_blob(raw, scratch)
             return self.from_bytes(_b64(raw), scratch)
         spec = part.get("audio_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
         if isinstance(url, Blob):
             if not url.prefix:
                 raise RequestError("audio_url must be a data: or file:// URL, not bare base64")
-            data, url.data = url.data, b""
-            return self.from_bytes(data, scratch)
+            return self.from_blob(url, scratch)
         if not isinstance(url, str):
             raise RequestError("audio_url parts need {'url': 'data:...' or 'file://...'}")
         if url.startswith("data:"):
