@@ -171,6 +171,28 @@ async def test_concurrent_requests_share_a_continuous_batch(
     assert sorted(deltas) == sorted(g.text for g in got if g.text)
 
 
+@pytest.mark.parametrize("wide", ["none", "some"])
+async def test_long_prompts_prefill_in_pieces_between_steps(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]], wide: str
+) -> None:
+    """With a prefill piece smaller than every prompt, each request is prefilled a piece per step (its first piece
+    past its last clip, the continued turn's inserted slice included) while the rows already in decode on; with
+    some prompts past `wide_tokens`, those decode in the second batch. Every row still comes back as the
+    single-request path makes it."""
+    sampling = [SamplingParams(max_new_tokens=n) for n in (12, 20, 16)]
+    requests = _requests(clips[1], sampling, [[], [], []])
+    lengths = sorted(len(backend.encode(r, a).input_ids) for r, a in requests)
+    batcher = BatchingBackend(backend, max_batch=4, window_s=0.0, prefill_chunk=max(1, lengths[0] // 4),
+                              wide_tokens=lengths[1] if wide == "some" else 10**9)  # fmt: skip
+    first = asyncio.create_task(batcher.generate(*requests[0]))
+    while not batcher.batch_sizes or batcher.batch_sizes[-1] == 0:  # the first row is decoding
+        await asyncio.sleep(0.001)
+    got = [await first, *await asyncio.gather(*(batcher.generate(r, a) for r, a in requests[1:]))]
+    assert batcher.prefill_pieces > len(requests)  # prompts were split into pieces
+    assert max(batcher.batch_sizes) >= 2  # and rows joined a running batch
+    _assert_same([await backend.generate(r, a) for r, a in requests], got)
+
+
 async def test_a_cancelled_request_leaves_the_batch_at_once(
     backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
 ) -> None:

@@ -171,6 +171,18 @@ def _new_cache(model: Any) -> Any:
     return cache
 
 
+@dataclass
+class _Fill:
+    """A long prompt being prefilled a piece at a time (`_Decoder.fill`), between decode steps of the batch."""
+
+    row: _Row
+    owner: Any
+    audio_end: int  # the first piece reaches at least this far: past the last audio placeholder
+    into: _Decoder  # the batch it joins
+    cache: Any = None
+    filled: int = 0
+
+
 class _Decoder:
     """A batch of rows being decoded: their KV cache, attention mask, positions and next-token logits.
 
@@ -210,12 +222,34 @@ class _Decoder:
             mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        audios: list[EncodedAudio] = [a for r in rows for a in r.prompt.audios]  # row-major: placeholder order
+        out = self._forward(ids, mask, pos, _new_cache(self.model), audios)
+        self._join(rows, out.cache, mask, pos[:, -1], out.logits[:, -1].float())
+
+    def fill(self, f: _Fill, chunk: int) -> bool:
+        """Prefill the next piece of one long prompt (about `chunk` tokens) into its own cache; True once all of
+        it is in and the row has joined the batch. The first piece reaches past the prompt's last audio, so every
+        clip's features go in with all of its placeholders."""
+        ids = f.row.prompt.input_ids
+        start = f.filled
+        end = min(len(ids), max(start + chunk, f.audio_end if start == 0 else 0))
+        piece = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+        out = self._forward(piece, mask, pos, f.cache if start else _new_cache(self.model),
+                            f.row.prompt.audios if start == 0 else [])  # fmt: skip
+        f.cache, f.filled = out.cache, end
+        if end < len(ids):
+            return False
+        self._join([f.row], f.cache, mask, pos[:, -1], out.logits[:, -1].float())
+        return True
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any,
+                 audios: list[EncodedAudio]) -> Any:  # fmt: skip
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
         kwargs["position_ids"] = _positions(self.backend.family, pos)
-        cache = _new_cache(self.model)
         if cache is not None:
             kwargs["cache"] = cache
-        audios: list[EncodedAudio] = [a for r in rows for a in r.prompt.audios]  # row-major: placeholder order
         if audios:
             feats = collate_audio_features(self.backend.family, audios)
             kwargs["input_features"] = feats["input_features"].to(device=self.device, dtype=self.model.dtype)
@@ -223,24 +257,28 @@ class _Decoder:
         if self.keep_logits:
             kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (big vocabularies)
         with self.backend._lock, torch.inference_mode():
-            out = self.model(**kwargs)
-        logits = out.logits[:, -1].float()
+            return self.model(**kwargs)
+
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, last_pos: torch.Tensor,
+              logits: torch.Tensor) -> None:  # fmt: skip
+        """Add prefilled rows (their cache, mask, last positions and next-token logits) to the batch."""
         if not self.rows:
-            self.rows, self.cache, self.mask, self.last_pos, self.logits = rows, out.cache, mask, pos[:, -1], logits
-            self.joinable = all(isinstance(layer, _GrowingLayer) for layer in getattr(out.cache, "layers", [None]))
+            self.rows, self.cache, self.mask, self.last_pos, self.logits = rows, cache, mask, last_pos, logits
+            self.joinable = all(isinstance(layer, _GrowingLayer) for layer in getattr(cache, "layers", [None]))
             return
         if not self.joinable:
             raise RuntimeError("this model's cache cannot take rows into a running batch")
         # Merge: left-pad the narrower of the two caches so the columns line up at the right edge.
+        width = mask.shape[1]
         grow_old, grow_new = max(0, width - self.mask.shape[1]), max(0, self.mask.shape[1] - width)
-        for old_layer, new_layer in zip(self.cache.layers, out.cache.layers, strict=True):
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
             keys, values = (
                 torch.cat([F.pad(a, (0, 0, grow_old, 0)), F.pad(b, (0, 0, grow_new, 0))])
                 for a, b in ((old_layer.keys, new_layer.keys), (old_layer.values, new_layer.values))
             )
             old_layer.assign(keys, values)
         self.mask = torch.cat([F.pad(self.mask, (grow_old, 0)), F.pad(mask, (grow_new, 0))])
-        self.last_pos = torch.cat([self.last_pos, pos[:, -1]])
+        self.last_pos = torch.cat([self.last_pos, last_pos])
         self.logits = torch.cat([self.logits, logits])
         self.rows += rows
 
@@ -364,6 +402,9 @@ class BatchingBackend:
     A decoder thread runs while there is work. When it starts from idle it waits `window_s` for company; after
     that, requests join the running batch between steps, in groups (a join copies the batch's KV cache): once
     they are an eighth of the batch, or after `join_steps` steps at most. At most `max_batch` rows decode at once.
+    A prompt longer than `prefill_chunk` tokens is prefilled one piece per step into a cache of its own and joins
+    when it is complete, so a maximal prompt delays the others' steps by one piece's prefill, not by its whole.
+    Prompts of `wide_tokens` or more decode in a second batch that steps every other time while the first has rows.
     Text is not streamed: `on_delta` receives the whole continuation when it is done. Prompts are encoded exactly
     as the wrapped backend encodes them.
     """
@@ -376,6 +417,8 @@ class BatchingBackend:
         window_s: float = 0.01,
         idle_s: float = 1.0,
         join_steps: int = 8,
+        prefill_chunk: int = 256,
+        wide_tokens: int = 1024,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -384,10 +427,13 @@ class BatchingBackend:
         self.window_s = window_s
         self.idle_s = idle_s
         self.join_steps = join_steps
+        self.prefill_chunk = prefill_chunk  # tokens of a long prompt prefilled per step (0: whole prompts at once)
+        self.wide_tokens = wide_tokens  # prompts this long decode in a batch of their own (see `_serve`)
         self._inbox: queue.Queue[_Pending] = queue.Queue()
         self._lock = threading.Lock()
         self._running = False
         self.batch_sizes: list[int] = []  # rows decoded at each step, for tests and benchmarks
+        self.prefill_pieces = 0  # pieces of long prompts prefilled, likewise
 
     @property
     def name(self) -> str:
@@ -432,8 +478,18 @@ class BatchingBackend:
         return [p for p in out if not p.future.cancelled()]
 
     def _serve(self) -> None:
-        decoder = _Decoder(self.backend)
+        # Two batches: `narrow` for ordinary prompts, `wide` for prompts of `wide_tokens` or more. Every row of a
+        # batch attends over the batch's widest row, so a maximal request in the same batch would make every small
+        # request's step cost as much as its own; and while both have rows, `wide` steps every other time only,
+        # so maximal requests take at most about half of the model's time from the others.
+        narrow, wide = _Decoder(self.backend), _Decoder(self.backend)
         owners: dict[int, _Pending] = {}
+        # Long prompts are prefilled `prefill_chunk` tokens per step, between the batches' decode steps, so one
+        # request's prefill never stalls the other rows (models whose cache can take rows mid-batch only).
+        chunked = self.prefill_chunk > 0 and _new_cache(self.backend.model) is not None
+        audio_eos = self.backend.tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+        filling: list[_Fill] = []
+        tick = 0
 
         def answer(p: _Pending, result: Generation | BaseException) -> None:
             setter: Callable[[Any], None] = (
@@ -446,10 +502,16 @@ class BatchingBackend:
 
             p.loop.call_soon_threadsafe(deliver)
 
+        def to_fill(p: _Pending) -> _Fill:
+            ids = p.prompt.input_ids
+            last_audio = max((i for i, t in enumerate(ids) if t == audio_eos), default=-1)
+            into = wide if len(ids) >= self.wide_tokens else narrow
+            return _Fill(_row(self.backend, p.request, p.prompt), p, last_audio + 1, into)
+
         waiting: list[_Pending] = []  # taken from the inbox, not yet admitted (joins are grouped)
         waited = 0  # steps the oldest of them has waited
         while True:
-            if not decoder and not waiting:
+            if not narrow and not wide and not waiting and not filling:
                 waiting = self._take(self.max_batch, self.idle_s)
                 if not waiting:
                     with self._lock:
@@ -459,12 +521,19 @@ class BatchingBackend:
                     continue
                 if len(waiting) < self.max_batch and self.window_s > 0:  # from idle: let the others catch up
                     threading.Event().wait(self.window_s)
-            room = self.max_batch - len(decoder) if decoder.joinable or not decoder else 0
+            joinable = (narrow.joinable or not narrow) and (wide.joinable or not wide)
+            room = self.max_batch - len(narrow) - len(wide) - len(filling) if joinable else 0
             waiting += self._take(room - len(waiting), None)
-            waited = waited + 1 if waiting and decoder else 0
-            # Joining copies the running cache, so newcomers join in groups: when the batch is empty, when they
-            # are a good share of it, or when the first of them has waited `join_steps` steps.
-            if not decoder or len(waiting) * 8 >= len(decoder) or waited >= self.join_steps:
+            waited = waited + 1 if waiting and narrow else 0
+            # Long prompts go to the chunked prefill at once. Other newcomers join in groups, since joining copies
+            # the running cache: when the batch is empty, when they are a good share of it, or when the first of
+            # them has waited `join_steps` steps.
+            if chunked:
+                filling += [to_fill(p) for p in waiting[:room] if len(p.prompt.input_ids) > self.prefill_chunk]
+                taken = {id(f.owner) for f in filling}
+                waiting = [p for p in waiting if id(p) not in taken]
+                room = self.max_batch - len(narrow) - len(wide) - len(filling) if joinable else 0
+            if not narrow or len(waiting) * 8 >= len(narrow) or waited >= self.join_steps:
                 new, waiting, waited = waiting[:room], waiting[room:], 0
             else:
                 new = []
@@ -472,14 +541,27 @@ class BatchingBackend:
                 rows = [_row(self.backend, p.request, p.prompt) for p in new]
                 for r, p in zip(rows, new, strict=True):
                     r.cancelled = p.future.cancelled
-                decoder.admit(rows)
+                narrow.admit(rows)
                 owners.update({id(r): p for r, p in zip(rows, new, strict=True)})
-                self.batch_sizes.append(len(decoder))
-                for row in decoder.step():
+                if filling:  # one piece of the oldest long prompt per step
+                    f = filling[0]
+                    if f.owner.future.cancelled():
+                        filling.pop(0)
+                    else:
+                        self.prefill_pieces += 1
+                        if f.into.fill(f, self.prefill_chunk):
+                            filling.pop(0)
+                            f.row.cancelled = f.owner.future.cancelled
+                            owners[id(f.row)] = f.owner
+                tick += 1
+                stepped = [narrow] if narrow and wide and tick % 2 else [narrow, wide]
+                self.batch_sizes.append(sum(len(d) for d in stepped))
+                for row in [row for d in stepped for row in d.step()]:
                     p = owners.pop(id(row))
                     answer(p, self.backend.to_generation(row.request, row.prompt, row.new_ids, row.logprobs))
             except Exception as err:  # the callers see the model's error; the next requests start a new batch
-                for p in [*owners.values(), *new]:
+                for p in [*owners.values(), *new, *(f.owner for f in filling)]:
                     answer(p, err)
                 owners.clear()
-                decoder = _Decoder(self.backend)
+                filling.clear()
+                narrow, wide = _Decoder(self.backend), _Decoder(self.backend)
