@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -849,7 +850,9 @@ def write_suite(
             collect(map(_job, jobs), advance)
         else:
             chunk = max(1, min(32, n // (workers * 8)))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # Workers start from a fresh interpreter, not a fork: a fork of a process whose torch threads hold a
+            # lock (any caller that used torch first, such as a test session) can hang in the child's first torch op.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
                 collect(pool.map(_job, jobs, chunksize=chunk), advance)
 
     if progress:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -260,7 +261,9 @@ def write_split(
             collect(map(_unit_job, jobs), advance)
         else:
             chunk = max(1, min(16, n // (workers * 8)))
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # Workers start from a fresh interpreter, not a fork: a fork of a process whose torch threads hold a
+            # lock (any caller that used torch first, such as a test session) can hang in the child's first torch op.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
                 collect(pool.map(_unit_job, jobs, chunksize=chunk), advance)
 
     if progress:
