@@ -297,11 +297,15 @@ def test_stage0s_model_is_the_init_of_stage1(suite: Path, base_run: Path, tmp_pa
     assert not torch.equal(after.model.audio_encoder.in_proj.weight, before.model.audio_encoder.in_proj.weight)
 
 
+SFT_STEPS = 100
+
+
 @pytest.fixture(scope="module")
 def sft_runs(suite: Path, tmp_path_factory: pytest.TempPathFactory, frames: Path) -> dict[str, Path]:
     """Interleaved and grounded SFT of a new echo-tiny 2, long enough to memorise the seven traces (a tiny decoder
-    needs that from scratch: after a stage 0 this short a run learns them less well, see the report of issue 16)."""
-    return {mode: sft.train(sft_cfg(suite, tmp_path_factory.mktemp(mode), "new", frames, mode, steps=60))
+    needs that from scratch: after a stage 0 this short a run learns them less well, see the report of issue 16).
+    Sixty steps left the loss at 0.28 and still falling, and the interleaved model wrote no readable <seg> span."""
+    return {mode: sft.train(sft_cfg(suite, tmp_path_factory.mktemp(mode), "new", frames, mode, steps=SFT_STEPS))
             for mode in ("interleaved", "grounded")}  # fmt: skip
 
 
@@ -311,7 +315,8 @@ def test_stage1_sft_learns_the_suite_and_answers_threads_through_the_graph(
 ) -> None:
     final = sft_runs[mode]
     losses = [r["loss"] for r in log_records(final.parent)]
-    assert len(losses) == 60 and all(np.isfinite(losses))
+    assert len(losses) == SFT_STEPS and all(np.isfinite(losses))
+    print("LOSSES", [round(x, 2) for x in losses])
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
     backend = TransformersBackend.from_pretrained(final)
     assert backend.model.config.audio_encoder == WHISPER
@@ -321,7 +326,7 @@ def test_stage1_sft_learns_the_suite_and_answers_threads_through_the_graph(
     states = [o.state for o in outcomes]
     assert all(s is not None for s in states), [o.error for o in outcomes]
     answered = [s for s in states if s is not None and s["status"] == "answered"]
-    # Sixty steps teach the format, not every answer: most runs end in a parsed <answer>, some correct.
+    # A hundred steps teach the format, not every answer: most runs end in a parsed <answer>, some correct.
     print(mode, "answered", len(answered), "correct", sum(bool(s["verdict"]["correct"]) for s in answered))
     assert len(answered) >= 2, [s["reasoning"] for s in states if s is not None]
     assert all(s["generated_tokens"] > 0 for s in states if s is not None)
