@@ -233,3 +233,17 @@ def test_feature_cache_is_bounded_by_bytes(clips: tuple[AudioStore, list[AudioRe
     # An entry still in the cache is a hit (the same object), an evicted one is encoded again.
     last = audio_part("main", 0.7, 1.7)
     assert encoder.encode_audio_part(last, resolvers[0]) is encoder.encode_audio_part(last, resolvers[0])
+
+
+def test_stop_criteria_are_built_per_tokenizer() -> None:
+    """Criteria for the same stop string on two vocabularies are two criteria: one built for another tokenizer's
+    ids missed `</seg>` (an echo-tiny 2 test left one behind, and a later model never stopped to listen)."""
+    from echo_agent.backends.batching import _STOPS
+
+    tokenizers = [BUILDERS[name]()[1].tokenizer for name in ("qwen2-audio", "echo-tiny")]
+    first, second = (_STOPS.get(t, ["</seg>"]) for t in tokenizers)
+    assert first is not None and second is not None and first is not second
+    assert _STOPS.get(tokenizers[0], ["</seg>"]) is first  # still built once per tokenizer
+    for tok, crit in zip(tokenizers, (first, second), strict=True):
+        ids = torch.tensor([tok.encode("<think>I listen <seg>1.0, 2.0</seg>", add_special_tokens=False)])
+        assert bool(crit(ids, torch.empty(0))[0])

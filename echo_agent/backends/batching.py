@@ -25,6 +25,7 @@ import asyncio
 import inspect
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -66,22 +67,27 @@ class _Row:
 
 
 class _StopCache:
-    """`StopStringCriteria` preprocesses the whole vocabulary; build it once per set of stop strings."""
+    """`StopStringCriteria` preprocesses the whole vocabulary; build it once per tokenizer and set of stop strings.
+    Keyed by the tokenizer object too (weakly): criteria built for one vocabulary stop wrong on another's ids, and
+    one process may hold several models (tests, `collect` over several checkpoints)."""
 
     MAX_ENTRIES = 32
 
     def __init__(self) -> None:
-        self._by_stops: dict[tuple[str, ...], StopStringCriteria] = {}
+        self._by_tokenizer: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], StopStringCriteria]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def get(self, tokenizer: Any, stops: Sequence[str]) -> StopStringCriteria | None:
         if not stops:
             return None
         key = tuple(stops)
-        if key not in self._by_stops:
-            if len(self._by_stops) >= self.MAX_ENTRIES:  # stop strings come from requests: keep the memory bounded
-                self._by_stops.pop(next(iter(self._by_stops)))
-            self._by_stops[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
-        return self._by_stops[key]
+        by_stops = self._by_tokenizer.setdefault(tokenizer, {})
+        if key not in by_stops:
+            if len(by_stops) >= self.MAX_ENTRIES:  # stop strings come from requests: keep the memory bounded
+                by_stops.pop(next(iter(by_stops)))
+            by_stops[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
+        return by_stops[key]
 
 
 _STOPS = _StopCache()
