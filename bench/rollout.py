@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "batched": bat,
         "mean_batch": round(sum(sides["batched"][0].batch_sizes) / max(1, len(sides["batched"][0].batch_sizes)), 2),  # type: ignore[union-attr]
         "identical_trajectories": f"{same}/{seq['trajectories']}",
+        "prefix_hits": getattr(sides["batched"][0].prefixes, "hits", 0),  # type: ignore[union-attr]
+        "prefix_tokens_reused": getattr(sides["batched"][0].prefixes, "reused_tokens", 0),  # type: ignore[union-attr]
         "ratio": round(bat["trajectories_per_s"] / seq["trajectories_per_s"], 2),
     }
     if args.json:

@@ -182,7 +182,8 @@ async def test_long_prompts_prefill_in_pieces_between_steps(
     sampling = [SamplingParams(max_new_tokens=n) for n in (12, 20, 16)]
     requests = _requests(clips[1], sampling, [[], [], []])
     lengths = sorted(len(backend.encode(r, a).input_ids) for r, a in requests)
-    batcher = BatchingBackend(backend, max_batch=4, window_s=0.0, prefill_chunk=max(1, lengths[0] // 4),
+    piece = max(1, lengths[0] // 4)
+    batcher = BatchingBackend(backend, max_batch=4, window_s=0.0, prefill_chunk=piece, long_prompt=piece,
                               wide_tokens=lengths[1] if wide == "some" else 10**9)  # fmt: skip
     first = asyncio.create_task(batcher.generate(*requests[0]))
     while not batcher.batch_sizes or batcher.batch_sizes[-1] == 0:  # the first row is decoding
@@ -191,6 +192,59 @@ async def test_long_prompts_prefill_in_pieces_between_steps(
     assert batcher.prefill_pieces > len(requests)  # prompts were split into pieces
     assert max(batcher.batch_sizes) >= 2  # and rows joined a running batch
     _assert_same([await backend.generate(r, a) for r, a in requests], got)
+
+
+async def test_prompts_under_the_long_prompt_size_are_prefilled_whole_together(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]]
+) -> None:
+    """Prompts longer than a prefill piece but shorter than `long_prompt` are not queued for the one-at-a-time
+    chunked prefill: they are prefilled whole with the other newcomers and decode side by side at once."""
+    sampling = [SamplingParams(max_new_tokens=n) for n in (12, 20, 16)]
+    requests = _requests(clips[1], sampling, [[], [], []])
+    lengths = sorted(len(backend.encode(r, a).input_ids) for r, a in requests)
+    batcher = BatchingBackend(backend, max_batch=4, window_s=0.05, prefill_chunk=max(1, lengths[0] // 4),
+                              long_prompt=lengths[-1] + 1)  # fmt: skip
+    got = await asyncio.gather(*(batcher.generate(r, a) for r, a in requests))
+    assert batcher.prefill_pieces == 0
+    assert batcher.batch_sizes[0] == len(requests)  # admitted together, not one piece per step
+    _assert_same([await backend.generate(r, a) for r, a in requests], list(got))
+
+
+async def test_a_continued_turn_reuses_the_finished_rows_cache_and_matches_the_single_path(
+    backend: TransformersBackend, clips: tuple[AudioStore, list[AudioResolver]], tmp_path: Any
+) -> None:
+    """A row that ends on a stop string leaves its keys and values behind; the same run's next call (its prompt
+    plus the text just written and an inserted slice) prefills only what is new, and comes back exactly as the
+    single-request path makes it. Another clip of the same length gives the same token ids but other audio: its
+    prompt may share the cache only up to its first audio block."""
+    store, audio = clips
+    ask = text_part("How many beeps are there?")
+    question: list[Message] = [{"role": "user", "content": [audio_part("main"), ask]}]
+    free = await backend.generate(GenerationRequest(messages=question, sampling=SamplingParams(max_new_tokens=24)),
+                                  audio[0])  # fmt: skip
+    found = _stop_in(backend, free)
+    assert found is not None
+    first = GenerationRequest(messages=question, stop=[found[0]], sampling=SamplingParams(max_new_tokens=24))
+    batcher = BatchingBackend(backend, max_batch=4, window_s=0.0)
+    gen = await batcher.generate(first, audio[0])
+    assert gen.finish_reason == "stop"
+    assert batcher.prefixes is not None and batcher.prefixes.hits == 0
+    turn: Message = {"role": "assistant", "content": [text_part(gen.text, "model"), audio_part("main", 1.0, 2.0)]}
+    then = GenerationRequest(
+        messages=[*question, turn], continue_final=True, sampling=SamplingParams(max_new_tokens=16)
+    )
+    got = await batcher.generate(then, audio[0])
+    assert batcher.prefixes.hits == 1
+    assert batcher.prefixes.reused_tokens >= len(gen.prompt_ids)  # the whole first prompt, clip included
+    _assert_same([await backend.generate(then, audio[0])], [got])
+
+    other = write_beeps(tmp_path / "other.wav", 3.0, [(0.5, 0.4), (1.5, 0.1), (2.5, 0.2)], freq=440.0, seed=9)
+    elsewhere = AudioResolver(store, {"main": store.load(other)})
+    reused = batcher.prefixes.reused_tokens
+    got = await batcher.generate(then, elsewhere)
+    bos = backend.encode(then, elsewhere).audios[0].input_ids[0]
+    assert batcher.prefixes.reused_tokens - reused <= list(backend.encode(then, elsewhere).input_ids).index(bos)
+    _assert_same([await backend.generate(then, elsewhere)], [got])
 
 
 async def test_a_cancelled_request_leaves_the_batch_at_once(

@@ -22,14 +22,17 @@ parameters (bad words, temperature, top-k, top-p), the same `StopStringCriteria`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import queue
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -64,6 +67,98 @@ class _Row:
     # Whether the caller gave up (its task was cancelled): the row then leaves the batch at the next step instead of
     # decoding to its token budget, so a cancelled run (a failed `collect`, a closed connection) frees the model.
     cancelled: Callable[[], bool] = field(default=lambda: False)
+    stopped: bool = False  # ended on one of its stop strings (a `</seg>`: the run will continue this prompt)
+    prefix: _Prefix | None = None  # cached KV of this prompt's first `prefix_len` tokens, reused at admission
+    prefix_len: int = 0
+
+    def audio_keys(self) -> list[bytes]:
+        """A digest of each audio input's features, in placeholder order (computed once)."""
+        if self._audio_keys is None:
+            self._audio_keys = [_digest(a.features) for a in self.prompt.audios]
+        return self._audio_keys
+
+    _audio_keys: list[bytes] | None = None
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class _Prefix:
+    """The KV cache of a finished row: for a later prompt that starts with the same tokens and the same audio."""
+
+    ids: np.ndarray  # the tokens whose keys and values are kept
+    audio: list[bytes]  # digests of the audio inputs among them, in placeholder order
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values (kv_heads, len(ids), head_dim)
+    nbytes: int
+
+
+class _PrefixCache:
+    """Finished rows' KV caches, an LRU bounded by bytes, for prefix reuse.
+
+    A graph run calls the model again after each `</seg>`: its next prompt is the previous prompt, the tokens just
+    written and then the inserted slice. Without reuse that whole prefix (the clip's audio tokens included) is
+    prefilled again at every call. A row that ended on a stop string leaves its keys and values here; a newcomer
+    whose prompt starts with the same tokens and the same audio takes them and prefills only the rest. Several
+    samples of one question share their prompt, so the first to finish serves the others' later calls too.
+    Rows' keys carry their own positions (0 = first token), so a prefix means the same at the front of any row."""
+
+    MIN_TOKENS = 16  # a shorter match saves less than it costs to assemble
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[int, _Prefix] = OrderedDict()
+        self.hits = self.reused_tokens = 0
+
+    def put(self, entry: _Prefix) -> None:
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[id(entry)] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def match(self, row: _Row) -> tuple[_Prefix, int] | None:
+        """The entry sharing the longest usable prefix with the row's prompt, and that length. Usable: at most all
+        but the prompt's last token (its logits are needed), never ending inside an audio block, and every audio
+        input before it identical."""
+        ids = np.asarray(row.prompt.input_ids, dtype=np.int64)
+        best: tuple[_Prefix, int] | None = None
+        for entry in reversed(self._entries.values()):  # newest first: the likeliest continuation
+            n = min(len(entry.ids), len(ids) - 1)
+            if n < self.MIN_TOKENS or (best is not None and n <= best[1]):
+                continue
+            same = entry.ids[:n] == ids[:n]
+            c = n if bool(same.all()) else int(np.argmin(same))
+            c = self._audio_safe(row, entry, ids, c)
+            if c >= self.MIN_TOKENS and (best is None or c > best[1]):
+                best = (entry, c)
+        if best is not None:
+            self._entries.move_to_end(id(best[0]))
+            self.hits += 1
+            self.reused_tokens += best[1]
+        return best
+
+    @staticmethod
+    def _audio_safe(row: _Row, entry: _Prefix, ids: np.ndarray, c: int) -> int:
+        """Cut `c` back to the start of the first audio block it would cut or whose audio differs."""
+        audios = row.prompt.audios
+        if not audios or c == 0:
+            return c
+        bos, eos = audios[0].input_ids[0], audios[0].input_ids[-1]
+        starts = np.flatnonzero(ids[:c] == bos)
+        ends = np.flatnonzero(ids[:c] == eos)
+        if len(starts) > len(ends):  # the prefix would end inside an audio block
+            c = int(starts[len(ends)])
+            starts = starts[: len(ends)]
+        keys = row.audio_keys()
+        for k in range(len(starts)):
+            if k >= len(entry.audio) or entry.audio[k] != keys[k]:
+                return int(starts[k])
+        return c
 
 
 class _StopCache:
@@ -197,8 +292,9 @@ class _Decoder:
     positions make each row compute what it would alone.
     """
 
-    def __init__(self, backend: TransformersBackend) -> None:
+    def __init__(self, backend: TransformersBackend, prefixes: _PrefixCache | None = None) -> None:
         self.backend = backend
+        self.prefixes = prefixes  # where finished rows leave their KV (None: not kept)
         self.model = backend.model
         self.device = backend.model.device
         pad = backend.tokenizer.pad_token_id
@@ -216,20 +312,47 @@ class _Decoder:
         return len(self.rows)
 
     def admit(self, rows: list[_Row]) -> None:
-        """Prefill `rows` together (left-padded) and add them to the batch."""
+        """Prefill `rows` together and add them to the batch. A row with a `prefix` starts from those cached keys and
+        values and prefills only the rest of its prompt. Row i's columns: left padding, its prefix (right-aligned
+        in the first P columns), padding, the rest of its prompt (right-aligned in the last R); positions are
+        explicit, so the gap is just masked out, and every row's next token lands in the last column."""
         if not rows:
             return
-        width = max(len(r.prompt.input_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
+        starts = [r.prefix_len if r.prefix is not None else 0 for r in rows]
+        width_p = max(starts)
+        width_r = max(len(r.prompt.input_ids) - s for r, s in zip(rows, starts, strict=True))
+        ids = torch.full((len(rows), width_r), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width_p + width_r), dtype=torch.long)
+        pos = torch.zeros((len(rows), width_r), dtype=torch.long)
+        audios: list[EncodedAudio] = []  # row-major: placeholder order
+        for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
             n = len(r.prompt.input_ids)
-            ids[i, width - n :] = torch.tensor(r.prompt.input_ids)
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        audios: list[EncodedAudio] = [a for r in rows for a in r.prompt.audios]  # row-major: placeholder order
-        out = self._forward(ids, mask, pos, _new_cache(self.model), audios)
+            ids[i, width_r - (n - s) :] = torch.tensor(r.prompt.input_ids[s:])
+            mask[i, width_p - s : width_p] = 1
+            mask[i, width_p + width_r - (n - s) :] = 1
+            pos[i, width_r - (n - s) :] = torch.arange(s, n)
+            before = r.prompt.input_ids[:s].count(r.prompt.audios[0].input_ids[-1]) if r.prompt.audios else 0
+            audios += r.prompt.audios[before:]  # those in the prefix are in its keys and values already
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
+        cache = _new_cache(self.model)
+        if width_p:
+            layer_count = len(next(r.prefix.layers for r in rows if r.prefix is not None))
+            for layer in range(layer_count):
+                keys = values = None
+                for i, (r, s) in enumerate(zip(rows, starts, strict=True)):
+                    if r.prefix is None:
+                        continue
+                    k, v = r.prefix.layers[layer]
+                    if keys is None or values is None:
+                        keys = k.new_zeros((len(rows), k.shape[0], width_p, k.shape[-1]))
+                        values = v.new_zeros((len(rows), v.shape[0], width_p, v.shape[-1]))
+                    keys[i, :, width_p - s :] = k[:, :s]
+                    values[i, :, width_p - s :] = v[:, :s]
+                assert keys is not None and values is not None
+                cache.update(keys, values, layer)
+        out = self._forward(ids, mask, pos, cache, audios)
+        for r in rows:
+            r.prefix = None  # the batch's cache holds it now
         self._join(rows, out.cache, mask, pos[:, -1], out.logits[:, -1].float())
 
     def fill(self, f: _Fill, chunk: int) -> bool:
@@ -288,6 +411,18 @@ class _Decoder:
         self.logits = torch.cat([self.logits, logits])
         self.rows += rows
 
+    def _keep(self, b: int, row: _Row) -> None:
+        """Leave row b's keys and values (every token but the one just chosen) in the prefix cache."""
+        assert self.prefixes is not None
+        valid = self.mask[b].bool()
+        n = int(valid.sum())
+        if n != len(row.ids) - 1:  # the cache must hold exactly the row's tokens; else keep nothing
+            return
+        layers = [(layer.keys[b][:, valid].clone(), layer.values[b][:, valid].clone()) for layer in self.cache.layers]
+        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        ids = np.asarray(row.ids[:-1], dtype=np.int64)
+        self.prefixes.put(_Prefix(ids, row.audio_keys(), layers, nbytes))
+
     def step(self) -> list[_Row]:
         """One token for every row; returns the rows that finished (they have left the batch)."""
         if not self.rows:
@@ -301,6 +436,8 @@ class _Decoder:
             s = row.request.sampling
             if token in self.backend._eos or len(row.new_ids) >= s.max_new_tokens or stopped[b] or row.cancelled():
                 done.append(row)
+                if stopped[b] and self.prefixes is not None and self.joinable and not row.cancelled():
+                    self._keep(b, row)
             else:
                 going.append(b)
         if len(going) < len(self.rows):  # drop finished rows from the cache and the batch
@@ -400,6 +537,7 @@ class _Pending:
     prompt: EncodedPrompt
     future: asyncio.Future[Generation]
     loop: asyncio.AbstractEventLoop
+    row: _Row | None = None  # made by the decoder thread when it takes the request
 
 
 class BatchingBackend:
@@ -408,8 +546,11 @@ class BatchingBackend:
     A decoder thread runs while there is work. When it starts from idle it waits `window_s` for company; after
     that, requests join the running batch between steps, in groups (a join copies the batch's KV cache): once
     they are an eighth of the batch, or after `join_steps` steps at most. At most `max_batch` rows decode at once.
-    A prompt longer than `prefill_chunk` tokens is prefilled one piece per step into a cache of its own and joins
-    when it is complete, so a maximal prompt delays the others' steps by one piece's prefill, not by its whole.
+    A prompt of `long_prompt` tokens or more is prefilled `prefill_chunk` tokens per step into a cache of its own and
+    joins when it is complete, so a maximal prompt delays the others' steps by one piece's prefill, not by its whole.
+    Shorter prompts are prefilled whole, together with the other newcomers: one at a time in pieces, the ordinary
+    continuation prompts of a busy rollout (300-450 tokens for echo-tiny) queued behind each other and the batch
+    ran at a third of its width.
     Prompts of `wide_tokens` or more decode in a second batch that steps every other time while the first has rows.
     Text is not streamed: `on_delta` receives the whole continuation when it is done. Prompts are encoded exactly
     as the wrapped backend encodes them.
@@ -424,7 +565,9 @@ class BatchingBackend:
         idle_s: float = 1.0,
         join_steps: int = 8,
         prefill_chunk: int = 256,
+        long_prompt: int = 512,
         wide_tokens: int = 1024,
+        prefix_cache_mb: float = 256,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -434,6 +577,9 @@ class BatchingBackend:
         self.idle_s = idle_s
         self.join_steps = join_steps
         self.prefill_chunk = prefill_chunk  # tokens of a long prompt prefilled per step (0: whole prompts at once)
+        self.long_prompt = long_prompt  # prompts this long are prefilled in pieces
+        # Finished rows' KV for the same run's next call (0: off); kept across decoder threads.
+        self.prefixes = _PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.wide_tokens = wide_tokens  # prompts this long decode in a batch of their own (see `_serve`)
         self._inbox: queue.Queue[_Pending] = queue.Queue()
         self._lock = threading.Lock()
@@ -488,12 +634,14 @@ class BatchingBackend:
         # batch attends over the batch's widest row, so a maximal request in the same batch would make every small
         # request's step cost as much as its own; and while both have rows, `wide` steps every other time only,
         # so maximal requests take at most about half of the model's time from the others.
-        narrow, wide = _Decoder(self.backend), _Decoder(self.backend)
+        prefixes = self.prefixes if _new_cache(self.backend.model) is not None else None
+        narrow, wide = _Decoder(self.backend, prefixes), _Decoder(self.backend, prefixes)
         owners: dict[int, _Pending] = {}
         # Long prompts are prefilled `prefill_chunk` tokens per step, between the batches' decode steps, so one
         # request's prefill never stalls the other rows (models whose cache can take rows mid-batch only).
         chunked = self.prefill_chunk > 0 and _new_cache(self.backend.model) is not None
         audio_eos = self.backend.tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+        long = max(self.long_prompt, self.prefill_chunk + 1)
         filling: list[_Fill] = []
         tick = 0
 
@@ -508,11 +656,26 @@ class BatchingBackend:
 
             p.loop.call_soon_threadsafe(deliver)
 
+        def row_of(p: _Pending) -> _Row:
+            """The request's row, with the longest cached prefix of its prompt (if any) to start from."""
+            if p.row is None:
+                p.row = _row(self.backend, p.request, p.prompt)
+                p.row.cancelled = p.future.cancelled
+                hit = prefixes.match(p.row) if prefixes is not None else None
+                if hit is not None:
+                    p.row.prefix, p.row.prefix_len = hit
+            return p.row
+
+        def is_long(p: _Pending) -> bool:  # what is left to prefill, after any cached prefix
+            return len(p.prompt.input_ids) - row_of(p).prefix_len >= long
+
         def to_fill(p: _Pending) -> _Fill:
             ids = p.prompt.input_ids
             last_audio = max((i for i, t in enumerate(ids) if t == audio_eos), default=-1)
             into = wide if len(ids) >= self.wide_tokens else narrow
-            return _Fill(_row(self.backend, p.request, p.prompt), p, last_audio + 1, into)
+            row = row_of(p)
+            row.prefix, row.prefix_len = None, 0  # pieces start from the first token
+            return _Fill(row, p, last_audio + 1, into)
 
         waiting: list[_Pending] = []  # taken from the inbox, not yet admitted (joins are grouped)
         waited = 0  # steps the oldest of them has waited
@@ -535,7 +698,7 @@ class BatchingBackend:
             # the running cache: when the batch is empty, when they are a good share of it, or when the first of
             # them has waited `join_steps` steps.
             if chunked:
-                filling += [to_fill(p) for p in waiting[:room] if len(p.prompt.input_ids) > self.prefill_chunk]
+                filling += [to_fill(p) for p in waiting[:room] if is_long(p)]
                 taken = {id(f.owner) for f in filling}
                 waiting = [p for p in waiting if id(p) not in taken]
                 room = self.max_batch - len(narrow) - len(wide) - len(filling) if joinable else 0
@@ -544,9 +707,7 @@ class BatchingBackend:
             else:
                 new = []
             try:
-                rows = [_row(self.backend, p.request, p.prompt) for p in new]
-                for r, p in zip(rows, new, strict=True):
-                    r.cancelled = p.future.cancelled
+                rows = [row_of(p) for p in new]
                 narrow.admit(rows)
                 owners.update({id(r): p for r, p in zip(rows, new, strict=True)})
                 if filling:  # one piece of the oldest long prompt per step
@@ -570,4 +731,4 @@ class BatchingBackend:
                     answer(p, err)
                 owners.clear()
                 filling.clear()
-                narrow, wide = _Decoder(self.backend), _Decoder(self.backend)
+                narrow, wide = _Decoder(self.backend, prefixes), _Decoder(self.backend, prefixes)
