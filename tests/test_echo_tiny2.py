@@ -421,3 +421,27 @@ def test_default_sizes_and_speed_report(speech: np.ndarray, capsys: pytest.Captu
             + ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())
         )
     assert projector > 0 and all(v > 0 for v in timings.values())
+
+
+def test_latency_bench_starts_every_answer_cold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/latency.py on a small echo-tiny 2: each answer is timed from empty audio caches, so every answer runs
+    the Whisper encoder again, and its time is a share of the answer's."""
+    import importlib.util
+
+    from echo_agent.training.synth import write_suite
+
+    spec = importlib.util.spec_from_file_location("latency", Path(__file__).parents[1] / "bench" / "latency.py")
+    assert spec is not None and spec.loader is not None
+    latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency)
+    model, processor = tiny2()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    suite = write_suite(tmp_path / "suite", 3, seed=0, split="dev", progress=False, durations=(4.0, 6.0))
+    args = ["--model", str(tmp_path / "model"), "--suite", str(suite), "--answers", "3", "--threads", "1"]
+    assert latency.main([*args, "--max-new-tokens", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["rows"]) == 3 and report["all"]["answers"] == 3
+    for row in report["rows"]:
+        assert 0 < row["encoder_s"] < row["wall_s"]
+    assert sum(report["listens"].values()) == 3
