@@ -67,7 +67,6 @@ class _Row:
     # Whether the caller gave up (its task was cancelled): the row then leaves the batch at the next step instead of
     # decoding to its token budget, so a cancelled run (a failed `collect`, a closed connection) frees the model.
     cancelled: Callable[[], bool] = field(default=lambda: False)
-    stopped: bool = False  # ended on one of its stop strings (a `</seg>`: the run will continue this prompt)
     prefix: _Prefix | None = None  # cached KV of this prompt's first `prefix_len` tokens, reused at admission
     prefix_len: int = 0
 
@@ -105,6 +104,7 @@ class _PrefixCache:
     Rows' keys carry their own positions (0 = first token), so a prefix means the same at the front of any row."""
 
     MIN_TOKENS = 16  # a shorter match saves less than it costs to assemble
+    MAX_ENTRIES = 256  # bounds the scan at admission too, not only the bytes
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -113,11 +113,11 @@ class _PrefixCache:
         self.hits = self.reused_tokens = 0
 
     def put(self, entry: _Prefix) -> None:
-        if entry.nbytes > self.max_bytes:
+        if entry.nbytes > self.max_bytes or len(entry.ids) < self.MIN_TOKENS:
             return
         self._entries[id(entry)] = entry
         self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or len(self._entries) > self.MAX_ENTRIES:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
@@ -136,10 +136,8 @@ class _PrefixCache:
             c = self._audio_safe(row, entry, ids, c)
             if c >= self.MIN_TOKENS and (best is None or c > best[1]):
                 best = (entry, c)
-        if best is not None:
+        if best is not None and id(best[0]) in self._entries:
             self._entries.move_to_end(id(best[0]))
-            self.hits += 1
-            self.reused_tokens += best[1]
         return best
 
     @staticmethod
@@ -335,6 +333,9 @@ class _Decoder:
             audios += r.prompt.audios[before:]  # those in the prefix are in its keys and values already
         ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
         cache = _new_cache(self.model)
+        if width_p and self.prefixes is not None:  # counted where used (a long prompt's pieces start from 0)
+            self.prefixes.hits += sum(r.prefix is not None for r in rows)
+            self.prefixes.reused_tokens += sum(starts)
         if width_p:
             layer_count = len(next(r.prefix.layers for r in rows if r.prefix is not None))
             for layer in range(layer_count):
@@ -666,8 +667,11 @@ class BatchingBackend:
                     p.row.prefix, p.row.prefix_len = hit
             return p.row
 
-        def is_long(p: _Pending) -> bool:  # what is left to prefill, after any cached prefix
-            return len(p.prompt.input_ids) - row_of(p).prefix_len >= long
+        def is_long(p: _Pending) -> bool:
+            # What is left to prefill after any cached prefix decides the pieces; a prompt for the wide batch goes
+            # there whatever its prefix (only `to_fill` sends rows to it).
+            n = len(p.prompt.input_ids)
+            return n >= self.wide_tokens or n - row_of(p).prefix_len >= long
 
         def to_fill(p: _Pending) -> _Fill:
             ids = p.prompt.input_ids
